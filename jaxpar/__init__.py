@@ -1,0 +1,31 @@
+"""jaxpar: plan and run parallel training for JAX.
+
+Importing `jaxpar` (or `jaxpar.plan`, `jaxpar.planners`) does not import jax: the names
+that need it load on first use, so planning runs on a machine without accelerators.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "Plan": "jaxpar.plan",
+    "PlanError": "jaxpar.plan",
+    "ParamInfo": "jaxpar.plan",
+    "Predicted": "jaxpar.plan",
+    "named_plan": "jaxpar.plan",
+    "Cluster": "jaxpar.planners.cluster",
+    "local_cluster": "jaxpar.devices",
+    "make_mesh": "jaxpar.devices",
+    "parallelize": "jaxpar.emit",
+    "Parallelized": "jaxpar.emit",
+    "TrainState": "jaxpar.emit",
+    "constrain": "jaxpar.context",
+    "layer": "jaxpar.context",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxpar' has no attribute {name!r}")

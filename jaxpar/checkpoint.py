@@ -1,0 +1,46 @@
+"""Save and restore a TrainState with orbax, each device reading and writing only its shard.
+
+Orbax writes a step to a temporary directory and renames it when complete, so a run
+that dies mid-save still leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+
+from jaxpar.emit import Parallelized, TrainState
+
+
+class Checkpointer:
+    """Checkpoints in `directory`: every `save_every` steps and on `force`, the last `keep`."""
+
+    def __init__(self, directory: str | os.PathLike, save_every: int, keep: int = 2):
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, par: Parallelized) -> TrainState | None:
+        """The latest checkpoint laid out as `par.abstract_state` (its shardings decide what
+        each device reads), or None if there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.StandardRestore(par.abstract_state))
+
+    def save(self, step: int, state: TrainState, force: bool = False) -> bool:
+        """Start saving `state` as `step` if `step` is a multiple of `save_every` or `force`.
+        Arrays are copied off the devices before this returns, so `state` may be donated."""
+        if step % self.save_every and not force:
+            return False
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def close(self) -> None:
+        """Wait for pending writes to finish, then release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,105 @@
+"""What a model sees of the active plan while jaxpar traces it.
+
+The train step runs the model inside a `shard_map` that is manual over the batch mesh axes
+(`data`, `fsdp`) and automatic over the rest (`tensor`). Models name their activations'
+axes with `constrain` and mark their repeated layer with `layer`; there jaxpar gathers the
+layer's `fsdp` shards (whose transpose is the gradient reduce-scatter) and applies remat.
+Outside a jaxpar trace both do nothing, so the same model runs anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
+
+from jaxpar.plan import Layout, Plan
+
+GATHERED = "jaxpar_gathered"
+
+
+@dataclasses.dataclass
+class _Active:
+    plan: Plan
+    manual: tuple[str, ...]
+    layer_called: bool = False
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("jaxpar", default=None)
+
+
+def partition_spec(layout: Layout, keep: Callable[[str], bool] = lambda _: True) -> PartitionSpec:
+    """PartitionSpec of a layout, keeping only the mesh axes `keep` accepts."""
+    entries = [tuple(a for a in axes if keep(a)) for axes in layout]
+    return PartitionSpec(*(e if e else None for e in entries))
+
+
+@contextlib.contextmanager
+def active(plan: Plan, manual: Sequence[str]) -> Iterator[_Active]:
+    """Make `plan` the one `constrain` and `layer` follow, with `manual` mesh axes manual."""
+    token = _ACTIVE.set(_Active(plan, tuple(manual)))
+    try:
+        yield _ACTIVE.get()
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Lay `x` out as the active plan's rules map `logical_axes` (one name per dimension)."""
+    current = _ACTIVE.get()
+    if current is None:
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"constrain: {len(logical_axes)} axis names {tuple(logical_axes)} for "
+                         f"an array of shape {x.shape}")
+    layout = current.plan.layout(logical_axes)
+    return jax.lax.with_sharding_constraint(
+        x, partition_spec(layout, lambda a: a not in current.manual)
+    )
+
+
+def gather(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """All-gather the manual-axis shards of a parameter into its full (auto-sharded) value."""
+    current = _ACTIVE.get()
+    if current is None:
+        return x
+    for dim, axes in enumerate(current.plan.layout(logical_axes)):
+        manual = tuple(a for a in axes if a in current.manual)
+        if manual:
+            x = jax.lax.all_gather(x, manual, axis=dim, tiled=True)
+    return checkpoint_name(x, GATHERED)
+
+
+def gather_module(module: nnx.Module) -> nnx.Module:
+    """A copy of `module` whose parameters are gathered (see `gather`)."""
+    graphdef, state = nnx.split(module)
+    flat = [
+        (path, var.replace(gather(var.get_value(), var.get_metadata().get("out_sharding") or ())))
+        if isinstance(var, nnx.Param) else (path, var)
+        for path, var in nnx.to_flat_state(state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def layer(fn: Callable) -> Callable:
+    """Mark `fn(module, *args)` as the model's repeated layer: its parameters are gathered
+    here, just before use, and recomputed in the backward pass when the plan asks for remat
+    (without remat only the gathered copies are recomputed, so they are never all live)."""
+    current = _ACTIVE.get()
+    if current is None:
+        return fn
+    current.layer_called = True
+
+    def gathered(module, *args):
+        return fn(gather_module(module), *args)
+
+    if current.plan.remat:
+        return nnx.remat(gathered)
+    return nnx.remat(gathered, policy=jax.checkpoint_policies.save_anything_except_these_names(
+        GATHERED))

@@ -1,0 +1,52 @@
+"""The devices jaxpar runs on: a `Cluster` describing them and a mesh built over them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxpar.plan import Plan
+from jaxpar.planners.cluster import Cluster, a100_80gb, h100_80gb, tpu_v4, tpu_v5e
+
+_KNOWN_KINDS = {"A100": a100_80gb, "H100": h100_80gb, "TPU v4": tpu_v4, "TPU v5": tpu_v5e}
+
+
+def make_mesh(plan: Plan, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The plan's mesh over `devices` (default: all), the last axis varying fastest, so it
+    stays within a node."""
+    devices = list(jax.devices() if devices is None else devices)
+    plan.check_devices(len(devices))
+    shape = tuple(size for _, size in plan.mesh)
+    names = tuple(name for name, _ in plan.mesh)
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def local_cluster(devices: Sequence[jax.Device] | None = None) -> Cluster:
+    """A Cluster for the local devices: datasheet figures for known accelerators; for
+    anything else (the CPU) the datasheet fields stay nominal until `calibrate()` measures
+    them."""
+    devices = list(jax.devices() if devices is None else devices)
+    kind = devices[0].device_kind
+    nodes = len({d.process_index for d in devices})
+    per_node = len(devices) // nodes
+    for key, preset in _KNOWN_KINDS.items():
+        if key in kind:
+            base = preset(per_node) if key.startswith("TPU") else preset(nodes)
+            return Cluster(kind, nodes, per_node, base.peak_flops, base.memory_bytes,
+                           base.intra_node_bandwidth, base.intra_node_latency,
+                           base.inter_node_bandwidth, base.inter_node_latency)
+    stats = devices[0].memory_stats() or {}
+    memory = stats.get("bytes_limit") or _host_memory_bytes() / len(devices)
+    return Cluster(kind, nodes, per_node, peak_flops=1e11, memory_bytes=memory,
+                   intra_node_bandwidth=1e10, intra_node_latency=1e-5,
+                   inter_node_bandwidth=1e9, inter_node_latency=1e-4, source="nominal")
+
+
+def _host_memory_bytes() -> float:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

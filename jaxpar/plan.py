@@ -1,0 +1,303 @@
+"""The Plan: how a training step is laid out on a device mesh.
+
+A Plan is pure data (no jax import): the only contract between the planners that
+choose it and the emitter that runs it. It round-trips through JSON and prints as a
+table of parameters with their logical and mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+
+# Ordered logical-axis rules, Flax `logical_axis_rules` form: (logical name, mesh axes).
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+# One entry per tensor dimension: the mesh axes it is split over (empty = replicated).
+Layout = tuple[tuple[str, ...], ...]
+
+# The one rule table shared by the named plans: a mesh axis of size 1 makes a rule a no-op,
+# so dp, fsdp, tp and their mixes differ only in mesh sizes. Activations take `batch` first,
+# which uses up `fsdp`, so only parameters shard `embed` over it (ZeRO-3 / FSDP).
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", ()),
+    ("layers", ()),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("expert", ()),
+    ("kv", ()),
+    ("embed", ("fsdp",)),
+)
+
+PLAN_AXES = {"dp": "data", "fsdp": "fsdp", "tp": "tensor"}
+MESH_AXIS_ORDER = ("data", "fsdp", "tensor")
+
+
+class PlanError(ValueError):
+    """A plan that cannot run: the message says which value, the limit, and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One parameter as the plan sees it: path, global shape, dtype and logical axes."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    logical_axes: tuple[str | None, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPE_BYTES.get(self.dtype, 4)
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "float64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Predicted:
+    """What a cost model expects of the plan, per device."""
+
+    memory_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    compute_s: float = 0.0
+    communication_s: float = 0.0
+    collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.communication_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Mesh, logical-axis rules, ZeRO level, remat and microbatches of one training step.
+
+    `rules` hold for every parameter and activation; `group_rules` override them for the
+    parameters whose path matches a regular expression (first match wins).
+    `zero`: 0 keeps optimizer state laid out like its parameter; 1 also splits it over
+    the data-parallel mesh axes (ZeRO-1). Parameter sharding over `fsdp` is ZeRO-3.
+    """
+
+    mesh: tuple[tuple[str, int], ...]
+    rules: Rules = DEFAULT_RULES
+    group_rules: tuple[tuple[str, Rules], ...] = ()
+    zero: int = 0
+    remat: bool = False
+    microbatches: int = 1
+    name: str = ""
+    params: tuple[ParamInfo, ...] = ()
+    predicted: Predicted | None = None
+
+    # ----------------------------------------------------------------- mesh
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(size for _, size in self.mesh)
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """Mesh axes the batch dimension is split over."""
+        return self.layout(("batch",))[0]
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self._size(self.batch_axes)
+
+    def _size(self, axes: Sequence[str]) -> int:
+        return math.prod(self.mesh_shape[a] for a in axes)
+
+    # --------------------------------------------------------------- layout
+    def rules_for(self, path: str | None = None) -> Rules:
+        if path is not None:
+            for pattern, rules in self.group_rules:
+                if re.search(pattern, path):
+                    return rules
+        return self.rules
+
+    def layout(self, logical_axes: Sequence[str | None], path: str | None = None) -> Layout:
+        """Mesh axes of each dimension, resolved as Flax does: rules in order, each logical
+        name takes the first rule whose mesh axes this tensor has not used yet."""
+        rules = self.rules_for(path)
+        known = {name for name, _ in rules}
+        for name in logical_axes:
+            if name is not None and name not in known:
+                where = f" of {path}" if path else ""
+                raise PlanError(
+                    f"logical axis {name!r}{where} has no rule in the plan; add "
+                    f"({name!r}, ()) to replicate it or map it to mesh axes"
+                )
+        resolved: list[tuple[str, ...] | None] = [None] * len(logical_axes)
+        used: set[str] = set()
+        for rule_name, mesh_axes in rules:
+            mesh_axes = tuple(a for a in mesh_axes if a in self.mesh_shape)
+            for i, name in enumerate(logical_axes):
+                if name != rule_name or resolved[i] is not None:
+                    continue
+                if used.isdisjoint(mesh_axes):
+                    resolved[i] = mesh_axes
+                    used.update(mesh_axes)
+        return tuple(r or () for r in resolved)
+
+    def param_layout(self, info: ParamInfo) -> Layout:
+        return self.layout(info.logical_axes, info.path)
+
+    def optimizer_layout(self, info: ParamInfo) -> Layout:
+        """Layout of the optimizer state of a parameter. ZeRO-1 adds the data-parallel axes
+        the parameter does not use to its largest dimension they divide (if any)."""
+        layout = self.param_layout(info)
+        extra = tuple(a for a in self.batch_axes if a not in sum(layout, ()))
+        if self.zero == 0 or self._size(extra) == 1:
+            return layout
+        free = [i for i, (d, axes) in enumerate(zip(info.shape, layout))
+                if d % (self._size(axes) * self._size(extra)) == 0]
+        if not free:
+            return layout
+        i = max(free, key=lambda j: info.shape[j] // self._size(layout[j]))
+        return layout[:i] + (layout[i] + extra,) + layout[i + 1:]
+
+    def shard_shape(self, info: ParamInfo) -> tuple[int, ...]:
+        return tuple(
+            d // self._size(axes) for d, axes in zip(info.shape, self.param_layout(info))
+        )
+
+    # ----------------------------------------------------------- validation
+    def check_devices(self, num_devices: int) -> None:
+        if self.num_devices != num_devices:
+            raise PlanError(
+                f"the plan's mesh {self._mesh_str()} has {self.num_devices} devices but "
+                f"{num_devices} are available; choose mesh sizes whose product is {num_devices}"
+            )
+
+    def check_param(self, info: ParamInfo) -> None:
+        for dim, axes, name in zip(info.shape, self.param_layout(info), info.logical_axes):
+            size = self._size(axes)
+            if dim % size:
+                raise PlanError(
+                    f"{info.path}: dimension {name!r} has size {dim}, which mesh axes "
+                    f"{'x'.join(axes)} (size {size}) do not divide; change the mesh or map "
+                    f"{name!r} to other mesh axes"
+                )
+
+    def check_batch(self, batch_size: int) -> None:
+        per_step = self.data_parallel_size * self.microbatches
+        if batch_size % per_step:
+            lower = max(per_step, batch_size // per_step * per_step)
+            upper = (batch_size // per_step + 1) * per_step
+            nearest = lower if batch_size - lower <= upper - batch_size else upper
+            raise PlanError(
+                f"batch size {batch_size} is not divisible by data-parallel size "
+                f"{self.data_parallel_size} x microbatches {self.microbatches} = {per_step}; "
+                f"use a batch of {nearest}"
+            )
+
+    def bind(self, params: Sequence[ParamInfo]) -> Plan:
+        """This plan with the model's parameter table, every parameter checked."""
+        for info in params:
+            self.check_param(info)
+        return dataclasses.replace(self, params=tuple(params))
+
+    # ----------------------------------------------------------------- JSON
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        d["mesh"] = tuple((name, size) for name, size in d["mesh"])
+        d["rules"] = _rules(d["rules"])
+        d["group_rules"] = tuple((pattern, _rules(r)) for pattern, r in d["group_rules"])
+        d["params"] = tuple(
+            ParamInfo(p["path"], tuple(p["shape"]), p["dtype"], tuple(p["logical_axes"]))
+            for p in d["params"]
+        )
+        if d["predicted"] is not None:
+            d["predicted"] = Predicted(**d["predicted"])
+        return cls(**d)
+
+    # ------------------------------------------------------------- printing
+    def _mesh_str(self) -> str:
+        return " x ".join(f"{name}={size}" for name, size in self.mesh)
+
+    def summary(self) -> str:
+        lines = [
+            f"Plan {self.name or '(unnamed)'}: mesh {self._mesh_str()} "
+            f"({self.num_devices} devices), zero={self.zero}, remat={self.remat}, "
+            f"microbatches={self.microbatches}"
+        ]
+        if self.params:
+            rows = [("parameter", "shape", "logical axes", "mesh axes", "per-device")]
+            for p in self.params:
+                layout = self.param_layout(p)
+                rows.append((
+                    p.path,
+                    "x".join(map(str, p.shape)) or "scalar",
+                    ", ".join(str(a) for a in p.logical_axes),
+                    ", ".join("+".join(a) or "-" for a in layout),
+                    "x".join(map(str, self.shard_shape(p))) or "scalar",
+                ))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            total = sum(p.nbytes for p in self.params)
+            local = sum(
+                p.nbytes / self._size(sum(self.param_layout(p), ())) for p in self.params
+            )
+            lines.append(
+                f"  parameters: {total / 2**20:.2f} MiB in all, {local / 2**20:.2f} MiB per device"
+            )
+        if self.predicted is not None:
+            pr = self.predicted
+            memory = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in pr.memory_bytes.items())
+            lines.append(
+                f"  predicted: step {pr.step_s * 1e3:.1f} ms (compute {pr.compute_s * 1e3:.1f}, "
+                f"communication {pr.communication_s * 1e3:.1f}); memory GiB: {memory}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _rules(raw) -> Rules:
+    return tuple((name, tuple(axes)) for name, axes in raw)
+
+
+def named_plan(spec: str, num_devices: int, **options) -> Plan:
+    """A hand-picked plan from a spec such as "dp", "fsdp8", "dp2+tp4" or "dp2+fsdp2+tp2".
+
+    Components are dp (data), fsdp (fsdp) and tp (tensor), each with an optional size; one
+    component may omit its size and takes the devices the others leave. `options` are
+    Plan fields (zero, remat, microbatches, rules).
+    """
+    sizes: dict[str, int | None] = {}
+    for part in spec.split("+"):
+        m = re.fullmatch(r"(dp|fsdp|tp)(\d*)", part.strip())
+        if m is None or PLAN_AXES[m.group(1)] in sizes:
+            raise PlanError(
+                f"unknown plan {spec!r}: write components dp, fsdp, tp joined by '+', each "
+                f"at most once with an optional size, e.g. 'dp2+tp4'"
+            )
+        sizes[PLAN_AXES[m.group(1)]] = int(m.group(2)) if m.group(2) else None
+    open_axes = [a for a, s in sizes.items() if s is None]
+    if len(open_axes) > 1:
+        raise PlanError(f"plan {spec!r}: give sizes to all components but one")
+    fixed = math.prod(s for s in sizes.values() if s is not None)
+    if open_axes:
+        if num_devices % fixed:
+            raise PlanError(
+                f"plan {spec!r}: fixed sizes multiply to {fixed}, which does not divide "
+                f"{num_devices} devices"
+            )
+        sizes[open_axes[0]] = num_devices // fixed
+    mesh = tuple((axis, sizes.get(axis) or 1) for axis in MESH_AXIS_ORDER)
+    plan = Plan(mesh=mesh, name=spec, **options)
+    plan.check_devices(num_devices)
+    return plan

@@ -1,0 +1,155 @@
+"""Train a GPT preset on the Python standard library's bytes under a named plan.
+
+`python -m jaxpar.train --plan dp2+tp4` runs on 8 simulated CPU devices by default and
+prints the plan, a progress bar with loss, tokens/s and model FLOP/s, and the loss drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from jaxpar.models.presets import PRESETS
+from jaxpar.plan import PlanError, named_plan
+
+# ----------------------------------------------------------------------------- flags
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jaxpar.train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="GPT preset")
+    p.add_argument("--plan", default="dp2+fsdp2+tp2", help="named plan, e.g. dp, fsdp, dp2+tp4")
+    p.add_argument("--steps", type=int, default=300, help="train up to this step")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the learning-rate schedule (default: --steps)")
+    p.add_argument("--batch", type=int, default=32, help="global batch size (sequences)")
+    p.add_argument("--length", type=int, default=64, help="sequence length (tokens)")
+    p.add_argument("--lr", type=float, default=6e-3, help="peak learning rate")
+    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    p.add_argument("--devices", type=int, default=8,
+                   help="devices to use; on CPU this many are simulated")
+    p.add_argument("--checkpoint-dir", default=None, help="resume from and save checkpoints here")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval (steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    return p.parse_args(argv)
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Ask XLA for `count` host devices; must run before jax is imported (CPU only)."""
+    flag = "--xla_force_host_platform_device_count"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={count}".strip()
+
+
+def _rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:.2f} TFLOP/s" if flops_per_s >= 1e12 else \
+        f"{flops_per_s / 1e9:.2f} GFLOP/s"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run the training loop described by `args`; returns the results as a dict."""
+    plan = named_plan(args.plan, args.devices, microbatches=args.microbatches, remat=args.remat)
+    plan.check_batch(args.batch)
+    simulate_cpu_devices(args.devices)
+
+    import jax
+    import optax
+    from tqdm import tqdm
+
+    from jaxpar.checkpoint import Checkpointer
+    from jaxpar.data import ByteCorpus
+    from jaxpar.emit import parallelize
+    from jaxpar.models import gpt
+
+    devices = jax.devices()
+    if len(devices) < args.devices:
+        raise PlanError(f"--devices {args.devices} asked for, but jax sees {len(devices)} "
+                        f"{devices[0].platform} devices; pass --devices {len(devices)}")
+
+    # ---- model, optimizer, data
+    cfg = PRESETS[args.model]
+    total = args.schedule_steps or args.steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, warmup_steps=max(1, total // 10), decay_steps=total, end_value=args.lr / 10)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, b2=0.99, weight_decay=0.1))
+    corpus = ByteCorpus(seed=args.seed)
+    example = corpus.batch(0, args.batch, args.length)
+    par = parallelize(gpt.build(cfg, length=max(cfg.length, args.length)), optimizer,
+                      gpt.lm_loss, plan, example, devices[: args.devices])
+    print(par.plan)
+
+    # ---- state: resume from the latest checkpoint, or initialise
+    ckpt = Checkpointer(args.checkpoint_dir, args.save_every) if args.checkpoint_dir else None
+    state = ckpt.restore(par) if ckpt else None
+    if state is None:
+        state = par.init(jax.random.key(args.seed))
+    start = int(state.step)
+    if start:
+        print(f"resumed from step {start} in {args.checkpoint_dir}")
+
+    # ---- loop: the first step compiles, so rates are timed from the end of it
+    tokens_per_step = args.batch * args.length
+    losses, t0, tokens_per_s, flops_per_s = [], 0.0, 0.0, 0.0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
+    for step in bar:
+        state, metrics = par.step(state, par.shard_batch(corpus.batch(step, args.batch,
+                                                                      args.length)))
+        losses.append(float(metrics["loss"]))
+        if ckpt:
+            ckpt.save(step + 1, state, force=step + 1 == args.steps)
+        if len(losses) == 1:
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+        else:
+            tokens_per_s = tokens_per_step * (len(losses) - 1) / (time.perf_counter() - t0)
+            flops_per_s = cfg.flops_per_token(args.length) * tokens_per_s
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                            model=_rate(flops_per_s))
+    jax.block_until_ready(state)
+    if len(losses) > 1:
+        tokens_per_s = tokens_per_step * (len(losses) - 1) / (time.perf_counter() - t0)
+        flops_per_s = cfg.flops_per_token(args.length) * tokens_per_s
+    bar.close()
+    if ckpt:
+        ckpt.close()
+
+    # ---- report: end loss is the mean of the last 10 steps (fewer if the run is shorter)
+    results = {"plan": plan.name, "model": args.model, "start_step": start, "steps": args.steps,
+               "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s}
+    if losses:
+        results |= {"start_loss": losses[0], "end_loss": sum(losses[-10:]) / len(losses[-10:]),
+                    "final_loss": losses[-1]}
+        print(f"loss: start {losses[0]:.4f} -> end {results['end_loss']:.4f} "
+              f"over {len(losses)} steps")
+    else:
+        print(f"nothing to train: the checkpoint is at step {start}, --steps is {args.steps}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: 0 on success, 2 with a one-line message on a bad plan."""
+    args = parse_args(argv)
+    try:
+        train(args)
+    except PlanError as e:
+        print(f"jaxpar.train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

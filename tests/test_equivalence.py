@@ -1,0 +1,107 @@
+"""Every named plan trains exactly like the single-device program (the correctness oracle)."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxpar
+from jaxpar.models.gpt import build, lm_loss
+
+from oracle import single_device_run
+
+# fp32 on CPU: a parallel plan only changes the order of sums, so gradients agree to ~1e-7.
+# Tolerances: losses 1e-4 relative. With SGD every parameter entry within 1e-4 relative
+# (+1e-7 absolute for entries near 0). AdamW divides by sqrt(v) + 1e-8, so entries whose
+# gradient is fp32 noise (~1e-9, true value 0) step by up to +-lr in either run; there we
+# compare each tensor as a whole: ||got - want|| / ||want|| <= 1e-4.
+RTOL, ATOL = 1e-4, 1e-7
+STEPS, BATCH, LENGTH = 3, 16, 32
+OPTIMIZERS = {"sgd": lambda: optax.sgd(1.0), "adamw": lambda: optax.adamw(1e-3)}
+
+
+def token_batches(vocab: int = 256, steps: int = STEPS, batch: int = BATCH, length: int = LENGTH):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        tokens = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
+        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    return out
+
+
+def run_plan(model_fn, plan, batches, optimizer):
+    par = jaxpar.parallelize(model_fn, optimizer, lm_loss, plan, batches[0])
+    state = par.init(jax.random.key(0))
+    losses = []
+    for batch in batches:
+        state, metrics = par.step(state, par.shard_batch(batch))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.tree.map(np.asarray, state.params)
+
+
+def assert_same_run(got, want, elementwise: bool):
+    got_losses, got_params = got
+    want_losses, want_params = want
+    np.testing.assert_allclose(got_losses, want_losses, rtol=RTOL)
+
+    def same(g, w):
+        if elementwise:
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+        else:
+            assert np.linalg.norm(g - w) <= RTOL * np.linalg.norm(w)
+
+    jax.tree.map(same, got_params, want_params)
+
+
+def check_plan(model_fn, plan, batches, optimizer_name, reference=None):
+    optimizer = OPTIMIZERS[optimizer_name]()
+    want = reference or single_device_run(model_fn, optimizer, lm_loss, batches)
+    got = run_plan(model_fn, plan, batches, optimizer)
+    assert_same_run(got, want, elementwise=optimizer_name == "sgd")
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return token_batches()
+
+
+@pytest.fixture(scope="module")
+def references(batches):
+    return {name: single_device_run(build("tiny"), make(), lm_loss, batches)
+            for name, make in OPTIMIZERS.items()}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+tp4", "fsdp2+tp4", "dp2+fsdp2+tp2"])
+def test_named_plan_matches_single_device(spec, optimizer, batches, references):
+    plan = jaxpar.named_plan(spec, 8)
+    check_plan(build("tiny"), plan, batches, optimizer, references[optimizer])
+
+
+@pytest.mark.parametrize("spec, options", [
+    ("dp2+fsdp4", {"microbatches": 2}),
+    ("fsdp4+tp2", {"remat": True}),
+    ("dp4+tp2", {"zero": 1, "microbatches": 2}),
+])
+def test_microbatches_remat_and_zero_match_single_device(spec, options, batches, references):
+    plan = jaxpar.named_plan(spec, 8, **options)
+    check_plan(build("tiny"), plan, batches, "adamw", references["adamw"])
+
+
+def test_rotary_untied_variant_matches_single_device(batches):
+    model_fn = build("tiny", positions="rotary", tied=False)
+    check_plan(model_fn, jaxpar.named_plan("fsdp2+tp4", 8), batches, "sgd")
+
+
+def test_plan_json_round_trip_gives_identical_step(batches):
+    plan = jaxpar.named_plan("dp2+fsdp2+tp2", 8, microbatches=2)
+    optimizer = optax.adamw(1e-3)
+    par = jaxpar.parallelize(build("tiny"), optimizer, lm_loss, plan, batches[0])
+    loaded = jaxpar.Plan.from_json(par.plan.to_json())
+    assert loaded == par.plan
+    again = jaxpar.parallelize(build("tiny"), optimizer, lm_loss, loaded, batches[0])
+    assert again.lower(batches[0]).as_text() == par.lower(batches[0]).as_text()
+    first = run_plan(build("tiny"), plan, batches, optimizer)
+    second = run_plan(build("tiny"), loaded, batches, optimizer)
+    np.testing.assert_array_equal(first[0], second[0])
+    jax.tree.map(np.testing.assert_array_equal, first[1], second[1])
