@@ -66,7 +66,7 @@ def abstract_params(model_fn: ModelFn) -> tuple[nnx.GraphDef, dict, tuple[ParamI
 
 @dataclasses.dataclass(frozen=True)
 class Parallelized:
-    """A model's training step laid out by `plan` on `mesh`: `init(rng)` and `step(state, batch)`."""
+    """A training step laid out by `plan` on `mesh`: `init(rng)` and `step(state, batch)`."""
 
     plan: Plan
     mesh: Mesh
@@ -144,7 +144,7 @@ def parallelize(
         params = nnx.state(model, nnx.Param).to_pure_dict()
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    manual = tuple(a for a in plan.batch_axes if plan.mesh_shape[a] > 1)
+    manual = plan.batch_axes
     num_shards = plan.data_parallel_size
     local_param_specs = jax.tree_util.tree_map_with_path(
         lambda path, _: context.partition_spec(

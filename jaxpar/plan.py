@@ -124,7 +124,8 @@ class Plan:
 
     def layout(self, logical_axes: Sequence[str | None], path: str | None = None) -> Layout:
         """Mesh axes of each dimension, resolved as Flax does: rules in order, each logical
-        name takes the first rule whose mesh axes this tensor has not used yet."""
+        name takes the first rule whose mesh axes this tensor has not used yet. Mesh axes
+        of size 1 (and absent ones) drop out."""
         rules = self.rules_for(path)
         known = {name for name, _ in rules}
         for name in logical_axes:
@@ -137,7 +138,7 @@ class Plan:
         resolved: list[tuple[str, ...] | None] = [None] * len(logical_axes)
         used: set[str] = set()
         for rule_name, mesh_axes in rules:
-            mesh_axes = tuple(a for a in mesh_axes if a in self.mesh_shape)
+            mesh_axes = tuple(a for a in mesh_axes if self.mesh_shape.get(a, 1) > 1)
             for i, name in enumerate(logical_axes):
                 if name != rule_name or resolved[i] is not None:
                     continue

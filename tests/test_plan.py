@@ -1,0 +1,66 @@
+"""The Plan as pure data: layout resolution, named plans, JSON, summary; no jax needed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxpar.plan import ParamInfo, Plan, PlanError, Predicted, named_plan
+
+KERNEL = ParamInfo("blocks/mlp/up/kernel", (4, 64, 256), "float32", ("layers", "embed", "mlp"))
+
+
+def test_planning_modules_do_not_import_jax():
+    code = ("import sys, jaxpar, jaxpar.plan, jaxpar.planners, jaxpar.models.presets; "
+            "jaxpar.named_plan('dp2+tp4', 8); print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_named_plans_share_one_rule_table_and_differ_in_mesh():
+    plan = named_plan("dp2+fsdp2+tp2", 8)
+    assert plan.mesh_shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert named_plan("fsdp", 8).mesh_shape == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert named_plan("dp2+tp", 8).mesh_shape == {"data": 2, "fsdp": 1, "tensor": 4}
+    # activations: batch takes data and fsdp first, so embed stays whole
+    assert plan.layout(("batch", "length", "embed")) == (("data", "fsdp"), (), ())
+    # parameters: embed over fsdp (ZeRO-3), mlp over tensor (Megatron)
+    assert plan.param_layout(KERNEL) == ((), ("fsdp",), ("tensor",))
+    assert plan.shard_shape(KERNEL) == (4, 32, 128)
+
+
+def test_group_rules_override_by_path():
+    plan = Plan(mesh=(("data", 2), ("tensor", 4)),
+                group_rules=((r"^embed/", (("vocab", ()), ("embed", ("tensor",)))),))
+    table = ParamInfo("embed/embedding", (256, 64), "float32", ("vocab", "embed"))
+    assert plan.param_layout(table) == ((), ("tensor",))
+    assert plan.param_layout(KERNEL) == ((), (), ("tensor",))
+
+
+def test_zero1_splits_optimizer_state_over_data_axes():
+    plan = named_plan("dp4+tp2", 8, zero=1)  # data joins the largest local dimension, mlp
+    assert plan.optimizer_layout(KERNEL) == ((), (), ("tensor", "data"))
+    assert named_plan("dp4+tp2", 8).optimizer_layout(KERNEL) == plan.param_layout(KERNEL)
+
+
+def test_json_round_trip_is_identity():
+    plan = Plan(mesh=(("data", 2), ("fsdp", 2), ("tensor", 2)), zero=1, remat=True,
+                microbatches=4, name="custom", params=(KERNEL,),
+                group_rules=((r"embed", (("vocab", ("tensor",)), ("embed", ()))),),
+                predicted=Predicted({"params": 1.0e9}, 0.5, 0.25, {"all-reduce": 2.0e9}, "test"))
+    assert Plan.from_json(plan.to_json()) == plan
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+
+
+def test_summary_lists_every_parameter_with_its_axes():
+    plan = named_plan("fsdp2+tp4", 8).bind([KERNEL])
+    text = str(plan)
+    assert "mesh data=1 x fsdp=2 x tensor=4 (8 devices)" in text
+    row = next(line for line in text.splitlines() if KERNEL.path in line)
+    assert row.split()[1:] == ["4x64x256", "layers,", "embed,", "mlp", "-,", "fsdp,", "tensor",
+                               "4x32x64"]
+
+
+def test_bind_rejects_a_mesh_axis_that_does_not_divide():
+    with pytest.raises(PlanError, match="dimension 'mlp' has size 256, which mesh axes tensor"):
+        named_plan("tp", 3).bind([KERNEL])
