@@ -21,10 +21,6 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
-    @property
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def restore(self, par: Parallelized) -> TrainState | None:
         """The latest checkpoint laid out as `par.abstract_state` (its shardings decide what
         each device reads), or None if there is none."""

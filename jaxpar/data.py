@@ -15,10 +15,11 @@ VOCAB = 256
 
 
 def stdlib_bytes(max_bytes: int = 8 << 20) -> np.ndarray:
-    """The stdlib's .py files (sorted paths, site-packages skipped) concatenated as uint8,
-    at most `max_bytes`: the same array on every machine with the same Python."""
+    """The stdlib's .py files (sorted paths, installed packages skipped) concatenated as
+    uint8, at most `max_bytes`: the same array on every machine with the same Python."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    installed = {"site-packages", "dist-packages"}
+    paths = sorted(p for p in root.rglob("*.py") if installed.isdisjoint(p.relative_to(root).parts))
     chunks, total = [], 0
     for path in paths:
         if total >= max_bytes:
@@ -30,23 +31,18 @@ def stdlib_bytes(max_bytes: int = 8 << 20) -> np.ndarray:
 
 
 class ByteCorpus:
-    """Byte tokens split into train (first 95%) and validation (last 5%) parts."""
+    """Byte tokens of the standard library, served as deterministic random windows."""
 
-    def __init__(self, tokens: np.ndarray | None = None, seed: int = 0, val_fraction: float = 0.05):
+    def __init__(self, tokens: np.ndarray | None = None, seed: int = 0):
         self.tokens = stdlib_bytes() if tokens is None else np.asarray(tokens, np.uint8)
-        cut = int(len(self.tokens) * (1 - val_fraction))
-        self.train, self.val = self.tokens[:cut], self.tokens[cut:]
         self.seed = seed
 
-    def batch(
-        self, step: int, batch_size: int, length: int, split: str = "train"
-    ) -> dict[str, np.ndarray]:
+    def batch(self, step: int, batch_size: int, length: int) -> dict[str, np.ndarray]:
         """`batch_size` random windows of `length` + 1 bytes; targets are inputs shifted by
-        one. The same (seed, step, split) always gives the same batch."""
-        tokens = {"train": self.train, "val": self.val}[split]
-        if len(tokens) <= length + 1:
-            raise ValueError(f"{split} split has {len(tokens)} tokens; windows need {length + 2}")
-        rng = np.random.default_rng((self.seed, step, split == "val"))
-        starts = rng.integers(0, len(tokens) - length - 1, size=batch_size)
-        windows = tokens[starts[:, None] + np.arange(length + 1)].astype(np.int32)
+        one. The same (seed, step) always gives the same batch."""
+        if len(self.tokens) <= length + 1:
+            raise ValueError(f"the corpus has {len(self.tokens)} tokens; windows need {length + 2}")
+        rng = np.random.default_rng((self.seed, step))
+        starts = rng.integers(0, len(self.tokens) - length - 1, size=batch_size)
+        windows = self.tokens[starts[:, None] + np.arange(length + 1)].astype(np.int32)
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}

@@ -49,8 +49,8 @@ def simulate_cpu_devices(count: int) -> None:
 
 
 def _rate(flops_per_s: float) -> str:
-    return f"{flops_per_s / 1e12:.2f} TFLOP/s" if flops_per_s >= 1e12 else \
-        f"{flops_per_s / 1e9:.2f} GFLOP/s"
+    unit, scale = ("TFLOP/s", 1e12) if flops_per_s >= 1e12 else ("GFLOP/s", 1e9)
+    return f"{flops_per_s / scale:.2f} {unit}"
 
 
 # ----------------------------------------------------------------------------- training
@@ -98,35 +98,30 @@ def train(args: argparse.Namespace) -> dict:
     if start:
         print(f"resumed from step {start} in {args.checkpoint_dir}")
 
-    # ---- loop: the first step compiles, so rates are timed from the end of it
-    tokens_per_step = args.batch * args.length
-    losses, t0, tokens_per_s, flops_per_s = [], 0.0, 0.0, 0.0
+    # ---- loop: the first step compiles, so rates count only the steps after it
+    tokens_per_step, flops_per_token = args.batch * args.length, cfg.flops_per_token(args.length)
+    losses, t0, tokens_per_s = [], 0.0, 0.0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        state, metrics = par.step(state, par.shard_batch(corpus.batch(step, args.batch,
-                                                                      args.length)))
+        batch = par.shard_batch(corpus.batch(step, args.batch, args.length))
+        state, metrics = par.step(state, batch)
+        jax.block_until_ready(state)
         losses.append(float(metrics["loss"]))
-        if ckpt:
-            ckpt.save(step + 1, state, force=step + 1 == args.steps)
         if len(losses) == 1:
-            jax.block_until_ready(state)
             t0 = time.perf_counter()
         else:
             tokens_per_s = tokens_per_step * (len(losses) - 1) / (time.perf_counter() - t0)
-            flops_per_s = cfg.flops_per_token(args.length) * tokens_per_s
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                            model=_rate(flops_per_s))
-    jax.block_until_ready(state)
-    if len(losses) > 1:
-        tokens_per_s = tokens_per_step * (len(losses) - 1) / (time.perf_counter() - t0)
-        flops_per_s = cfg.flops_per_token(args.length) * tokens_per_s
+                            model=_rate(flops_per_token * tokens_per_s))
+        if ckpt:
+            ckpt.save(step + 1, state, force=step + 1 == args.steps)
     bar.close()
     if ckpt:
         ckpt.close()
 
     # ---- report: end loss is the mean of the last 10 steps (fewer if the run is shorter)
     results = {"plan": plan.name, "model": args.model, "start_step": start, "steps": args.steps,
-               "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s}
+               "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_token * tokens_per_s}
     if losses:
         results |= {"start_loss": losses[0], "end_loss": sum(losses[-10:]) / len(losses[-10:]),
                     "final_loss": losses[-1]}

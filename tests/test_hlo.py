@@ -9,8 +9,8 @@ import pytest
 
 import jaxpar
 from jaxpar import hlo
-from jaxpar.emit import abstract_params
 from jaxpar.models.gpt import build, lm_loss
+from jaxpar.trace import abstract_params
 
 BATCH, LENGTH = 16, 32
 

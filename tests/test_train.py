@@ -18,9 +18,10 @@ def _run(tmp_path, name, *flags):
     return json.loads(out.read_text())
 
 
-def _params(directory, step):
+def _state(directory, step):
+    """A saved TrainState as a dict of numpy arrays (step, params, opt_state)."""
     state = ocp.PyTreeCheckpointer().restore(directory / str(step) / "default")
-    return jax.tree.map(np.asarray, state[1])
+    return jax.tree.map(np.asarray, state)
 
 
 def test_loss_falls_and_resume_matches_uninterrupted(tmp_path):
@@ -37,7 +38,7 @@ def test_loss_falls_and_resume_matches_uninterrupted(tmp_path):
     assert resumed["final_loss"] == whole["final_loss"]
     assert sorted(int(p.name) for p in (tmp_path / "b").iterdir() if p.name.isdigit()) == [15, 20]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 _params(tmp_path / "a", 20), _params(tmp_path / "b", 20))
+                 _state(tmp_path / "a", 20), _state(tmp_path / "b", 20))
 
 
 def test_bad_batch_is_one_line_and_exit_code_2(capsys):

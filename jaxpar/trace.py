@@ -1,0 +1,45 @@
+"""Trace a model's constructor with shapes only: its parameters and their logical axes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flax import nnx
+
+from jaxpar.plan import ParamInfo, PlanError
+
+ModelFn = Callable[[nnx.Rngs], nnx.Module]
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'blocks/mlp/up/kernel' for a pytree or nnx state path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def abstract_params(model_fn: ModelFn) -> tuple[nnx.GraphDef, dict, tuple[ParamInfo, ...]]:
+    """The model's graph, its parameters as a pure dict of ShapeDtypeStruct, and the table
+    of parameters with their logical axes; nothing is allocated."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leftover = [path_str(path) for path, _ in nnx.to_flat_state(rest)]
+    if leftover:
+        raise PlanError(
+            f"jaxpar trains nnx.Param state only; the model also holds {', '.join(leftover)}; "
+            "keep RNG streams and other state out of the module"
+        )
+    infos = []
+    for path, var in nnx.to_flat_state(params):
+        name = path_str(path)
+        axes = var.get_metadata().get("out_sharding")
+        if axes is None and var.ndim > 0:
+            raise PlanError(
+                f"parameter {name} (shape {var.shape}) has no logical axes; create it with "
+                "nnx.with_partitioning(init, names) or nnx.Param(..., out_sharding=names)"
+            )
+        axes = tuple(axes or ())
+        if len(axes) != var.ndim:
+            raise PlanError(f"parameter {name} has shape {var.shape} but logical axes {axes}")
+        infos.append(ParamInfo(name, tuple(var.shape), str(var.dtype), axes))
+    return graphdef, params.to_pure_dict(), tuple(infos)
