@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -47,6 +48,4 @@ def local_cluster(devices: Sequence[jax.Device] | None = None) -> Cluster:
 
 
 def _host_memory_bytes() -> float:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
