@@ -15,6 +15,7 @@ _EXPORTS = {
     "Cluster": "jaxpar.planners.cluster",
     "local_cluster": "jaxpar.devices",
     "make_mesh": "jaxpar.devices",
+    "calibrate": "jaxpar.calibration",
     "parallelize": "jaxpar.emit",
     "Parallelized": "jaxpar.emit",
     "TrainState": "jaxpar.emit",

@@ -97,9 +97,15 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
                           else context.gather(x, i.logical_axes))
         return loss_fn(nnx.merge(graphdef, params), batch)
 
+    def replicated_over(info: ParamInfo) -> tuple[str, ...]:
+        return tuple(a for a in manual if a not in sum(plan.param_layout(info), ()))
+
     def local_loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
-        """On one batch shard; autodiff of the gathers (and of the parameters replicated
-        over the manual axes) emits the gradient reduce-scatters (and all-reduces)."""
+        """On one batch shard. Autodiff of the gathers emits the gradient reduce-scatters
+        (per microbatch); the parameters replicated over manual axes are marked varying
+        first, so their gradients are all-reduced once per step, after accumulation."""
+        params = _by_path(params, plan.params, lambda i, x: jax.lax.pcast(
+            x, replicated_over(i), to="varying") if replicated_over(i) else x)
         if m == 1:
             loss, grads = jax.value_and_grad(local_loss)(params, batch)
         else:
@@ -112,10 +118,12 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
                 lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
             first = jax.value_and_grad(local_loss)(params, jax.tree.map(lambda x: x[0], micro))
             (loss, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
-            loss, grads = jax.tree.map(lambda x: x / m, (loss, grads))
         if manual:
             loss = jax.lax.pmean(loss, manual)
-        return loss, jax.tree.map(lambda g: g / plan.data_parallel_size, grads)
+        grads = _by_path(grads, plan.params, lambda i, g: jax.lax.psum(g, replicated_over(i))
+                         if replicated_over(i) else g)
+        scale = 1 / (m * plan.data_parallel_size)
+        return loss / m, jax.tree.map(lambda g: g * scale, grads)
 
     if not manual:
         return local_loss_and_grads

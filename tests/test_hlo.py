@@ -58,7 +58,7 @@ def test_fsdp_gathers_parameters_and_reduce_scatters_gradients(compiled, params)
         full = layer_shapes(p)
         layout = par.plan.param_layout(p)[-len(full):]
         if not any("fsdp" in axes for axes in layout):  # e.g. an mlp bias: nothing to shard
-            replicated_bytes += math.prod(full) * 4
+            replicated_bytes += p.nbytes  # all-reduced once per step, all layers together
             continue
         shard = tuple(d // 8 if "fsdp" in axes else d for d, axes in zip(full, layout))
         assert full in gathered, f"{p.path}: no all-gather to its full shape {full}"

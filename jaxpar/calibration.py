@@ -1,0 +1,173 @@
+"""Measure the local devices and describe them as a `Cluster` with calibrated figures.
+
+Datasheets say nothing about the CPU mesh and flatter real hardware, so `calibrate()` times
+matmuls and collectives on the devices it runs on, fits the alpha-beta collective model the
+planners use, and caches the result (with the raw timings, for fit-quality reports) as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from jaxpar.devices import _host_memory_bytes
+from jaxpar.planners.cluster import Cluster
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+MESSAGE_BYTES = tuple(4096 * 8**i for i in range(5))  # 4 KiB ... 16 MiB per device
+MATMUL_SIZES = (256, 512, 1024)
+_REPEATS = 5  # timed calls per measurement, after one warm-up call
+_LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
+
+
+def ring_factor(kind: str, group: int) -> float:
+    """Bytes each device sends per message byte with ring algorithms: 2(n-1)/n for
+    all-reduce, (n-1)/n for all-gather, reduce-scatter and all-to-all."""
+    share = (group - 1) / group
+    return 2 * share if kind == "all_reduce" else share
+
+
+def fit_alpha_beta(points: Sequence[dict]) -> dict[str, float]:
+    """Least-squares fit of `seconds = latency + ring_factor * bytes / bandwidth` over
+    measured `points` ({kind, group, bytes, seconds}), weighted by 1/seconds so that small
+    and large messages count alike (minimises relative error)."""
+    t = np.array([p["seconds"] for p in points])
+    x = np.array([ring_factor(p["kind"], p["group"]) * p["bytes"] for p in points])
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([1 / t, x / t], axis=1), np.ones_like(t))
+    if alpha <= 0 or beta <= 0:
+        raise RuntimeError(f"alpha-beta fit is not positive: alpha={alpha}, beta={beta}")
+    return {"latency": float(alpha), "bandwidth": float(1 / beta)}
+
+
+def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path | None = None,
+              refresh: bool = False, verbose: bool = False) -> Cluster:
+    """A Cluster for `devices` (default: this process's devices, one node) with measured
+    figures, read from the cache unless absent or `refresh`.
+
+    `peak_flops` is the per-device fp32 matmul rate while *all* devices run a matmul at once
+    (total rate / device count): the planner's steps keep every device busy, and simulated
+    CPU devices share the host's cores, so the single-device rate (also recorded) would
+    overstate them n-fold. Collective latency and bandwidth are one alpha-beta fit over all
+    four collectives, every group size dividing the device count and 4 KiB-16 MiB messages;
+    per-kind fits are in `load_measurements()["fits"]`. Intra- and inter-node links get the
+    same figures (one machine). Memory is the device's `bytes_limit`, else host RAM / devices.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    path = _cache_path(devices, cache_dir)
+    if path.exists() and not refresh:
+        return Cluster(**json.loads(path.read_text())["cluster"])
+    record = _measure(devices, verbose)
+    record["fits"] = {kind: fit_alpha_beta([p for p in record["collectives"] if p["kind"] == kind])
+                      for kind in KINDS}
+    record["fits"]["all"] = fit_alpha_beta(record["collectives"])
+    stats = devices[0].memory_stats() or {}
+    link = record["fits"]["all"]
+    cluster = Cluster(
+        devices[0].device_kind, 1, len(devices),
+        peak_flops=max(rate for _, rate in record["matmul"]["all_devices"]),
+        memory_bytes=stats.get("bytes_limit") or _host_memory_bytes() / len(devices),
+        intra_node_bandwidth=link["bandwidth"], intra_node_latency=link["latency"],
+        inter_node_bandwidth=link["bandwidth"], inter_node_latency=link["latency"],
+        source="calibrated")
+    record["cluster"] = dataclasses.asdict(cluster)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return cluster
+
+
+def load_measurements(devices: Sequence[jax.Device] | None = None,
+                      cache_dir: str | Path | None = None) -> dict:
+    """The cached calibration record for `devices`: key, matmul rates, raw collective timings
+    ({kind, group, bytes, seconds}), fits, cluster and wall time. FileNotFoundError if none."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    return json.loads(_cache_path(devices, cache_dir).read_text())
+
+
+def _cache_path(devices: Sequence[jax.Device], cache_dir: str | Path | None) -> Path:
+    root = cache_dir or os.environ.get("JAXPAR_CACHE") or "~/.cache/jaxpar"
+    kind = "".join(c if c.isalnum() else "_" for c in devices[0].device_kind)
+    name = f"calibration-{devices[0].platform}-{kind}-{len(devices)}-jax{jax.__version__}.json"
+    return Path(root).expanduser() / name
+
+
+def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
+    """Raw timings: matmul FLOP/s (one device alone, and per device with all busy) per
+    size, and the median seconds of each collective per group size and message size."""
+    start = time.perf_counter()
+    n = len(devices)
+    groups = [g for g in range(2, n + 1) if n % g == 0]
+    bar = tqdm(total=2 * len(MATMUL_SIZES) + len(groups) * len(KINDS) * len(MESSAGE_BYTES),
+               desc="calibrate", disable=not verbose)
+    matmul = jax.jit(jnp.matmul)
+    everywhere = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
+    single, full = [], []
+    for size in MATMUL_SIZES:
+        flops = 2 * size**3
+        a = jax.device_put(jnp.ones((size, size), jnp.float32), devices[0])
+        single.append([size, flops / _median_seconds(matmul, a, a)])
+        bar.update()
+        b = jax.device_put(jnp.ones((n, size, size), jnp.float32), everywhere)
+        full.append([size, flops / _median_seconds(matmul, b, b)])
+        bar.update()
+    collectives = []
+    for group in groups:
+        mesh = Mesh(np.asarray(devices).reshape(n // group, group), ("rest", "group"))
+        sharding = NamedSharding(mesh, P(("rest", "group")))
+        for nbytes in MESSAGE_BYTES:
+            x = jax.device_put(jnp.zeros((n * nbytes // 4,), jnp.float32), sharding)
+            repeats = max(1, min(32, _LOOP_BYTES // nbytes))
+            for kind in KINDS:
+                program = _collective_program(kind, group, mesh, repeats)
+                seconds = _median_seconds(program, x) / repeats
+                collectives.append({"kind": kind, "group": group, "bytes": nbytes,
+                                    "seconds": seconds})
+                bar.update()
+    bar.close()
+    key = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+           "device_count": n, "jax_version": jax.__version__}
+    return {"key": key, "matmul": {"single": single, "all_devices": full},
+            "collectives": collectives, "seconds": time.perf_counter() - start}
+
+
+def _collective_program(kind: str, group: int, mesh: Mesh, repeats: int) -> Callable:
+    """A jitted program running `kind` over the mesh's `group` axis `repeats` times in a
+    loop (amortising dispatch, as collectives inside a training step are), each device
+    holding a message of its whole shard."""
+    def step(v: jax.Array) -> jax.Array:
+        part = v.shape[0] // group
+        if kind == "all_reduce":
+            return lax.psum(v, "group")
+        if kind == "all_gather":
+            return lax.all_gather(v[:part], "group", tiled=True)
+        if kind == "reduce_scatter":
+            return v.at[:part].set(lax.psum_scatter(v, "group", tiled=True))
+        return lax.all_to_all(v, "group", 0, 0, tiled=True)
+
+    spec = P(("rest", "group"))
+    body = jax.shard_map(lambda v: lax.fori_loop(0, repeats, lambda _, v: step(v), v),
+                         mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return jax.jit(body)
+
+
+def _median_seconds(fn: Callable, *args: jax.Array) -> float:
+    jax.block_until_ready(fn(*args))  # warm-up: compiles
+    times = []
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
