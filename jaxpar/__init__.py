@@ -17,6 +17,7 @@ _EXPORTS = {
     "make_mesh": "jaxpar.devices",
     "calibrate": "jaxpar.calibration",
     "parallelize": "jaxpar.emit",
+    "auto_parallelize": "jaxpar.auto",
     "Parallelized": "jaxpar.emit",
     "TrainState": "jaxpar.emit",
     "constrain": "jaxpar.context",

@@ -67,10 +67,25 @@ class Predicted:
     communication_s: float = 0.0
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
     source: str = ""
+    gap: float | None = None  # relative MIP gap of the search that chose the plan; 0: optimal
 
     @property
     def step_s(self) -> float:
         return self.compute_s + self.communication_s
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory_bytes.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """A plan the search weighed against the chosen one, and why it lost."""
+
+    name: str
+    step_s: float
+    memory_bytes: float
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +107,7 @@ class Plan:
     name: str = ""
     params: tuple[ParamInfo, ...] = ()
     predicted: Predicted | None = None
+    alternatives: tuple[Alternative, ...] = ()
 
     # ----------------------------------------------------------------- mesh
     @property
@@ -221,6 +237,7 @@ class Plan:
         )
         if d["predicted"] is not None:
             d["predicted"] = Predicted(**d["predicted"])
+        d["alternatives"] = tuple(Alternative(**a) for a in d.get("alternatives", ()))
         return cls(**d)
 
     # ------------------------------------------------------------- printing
@@ -265,6 +282,22 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def explain(self) -> str:
+        """Why this plan: its prediction, then the runners-up and why each lost."""
+        if self.predicted is None:
+            return f"Plan {self.name or '(unnamed)'} was given by hand: nothing was searched."
+        pr = self.predicted
+        gap = "proven optimal" if not pr.gap else f"MIP gap {pr.gap:.2%}"
+        lines = [f"Plan {self.name}: predicted step {pr.step_s * 1e3:.2f} ms, "
+                 f"{pr.total_bytes / 2**30:.2f} GiB per device ({gap})"]
+        if self.alternatives:
+            width = max(len(a.name) for a in self.alternatives)
+            lines.append(f"  {'runner-up'.ljust(width)}  step ms    GiB  why it lost")
+            for a in self.alternatives:
+                lines.append(f"  {a.name.ljust(width)}  {a.step_s * 1e3:7.2f}  "
+                             f"{a.memory_bytes / 2**30:5.2f}  {a.reason}")
+        return "\n".join(lines)
 
 
 def _rules(raw) -> Rules:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 from jaxpar.plan import ParamInfo, Plan, Predicted
 from jaxpar.planners.cluster import Cluster
-from jaxpar.planners.graph import Group, ModelGraph
+from jaxpar.planners.graph import Group, ModelGraph, Tensor
 
 RING_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n,
                "all-gather": lambda n: (n - 1) / n,
@@ -85,8 +86,10 @@ def _layer_shape(p: ParamInfo, stacked: bool) -> tuple[int, ...]:
     return p.shape[1:] if stacked else p.shape
 
 
-def group_terms(group: Group, plan: Plan, cluster: Cluster, options: Options = Options()) -> Terms:
+def group_terms(group: Group, plan: Plan, cluster: Cluster,
+                options: Options | None = None) -> Terms:
     """Time and memory of `group` under `plan` for one training step."""
+    options = options or Options()
     t = Terms()
     manual = plan.batch_axes
     dp, m = plan.data_parallel_size, plan.microbatches
@@ -143,19 +146,28 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster, options: Options = O
         extra = tuple(a for a in sum(plan.optimizer_layout(p), ()) if a not in sum(lay, ()))
         t.collective(cluster, plan, "all-gather", extra, shard)  # ZeRO-1: updates gathered
 
-    # ---- activations saved for backward: one microbatch at a time (the scan)
-    saved = group.saved_bytes_remat if remat else group.saved_bytes
-    tensor_split = other_split if group.matmuls else 1
-    t.memory["activations"] += group.repeat * saved / (dp * m * tensor_split)
-    largest = max((mm.out_bytes / _size(plan, auto.get(mm.param, ())) for mm in group.matmuls),
-                  default=0.0)
-    t.temporary = max(t.temporary, 2 * largest / (dp * m))
+    # ---- activations saved for backward, one microbatch at a time (the scan); the backward
+    # pass of a layer holds that layer's full set (recomputed under remat) as working memory
+    saved = group.saved_remat if remat else group.saved
+    t.memory["activations"] += group.repeat * activation_bytes(saved, plan) / m
+    t.temporary = max(t.temporary, activation_bytes(group.saved, plan) / m)
     return t
 
 
+def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:
+    """Per-device bytes of activations laid out by the plan's rules (unknown axes whole)."""
+    known = {name for name, _ in plan.rules}
+    total = 0.0
+    for tensor in tensors:
+        names = [a if a in known else None for a in tensor.logical_axes]
+        total += tensor.nbytes / _size(plan, sum(plan.layout(names), ()))
+    return total
+
+
 def predict(graph: ModelGraph, plan: Plan, cluster: Cluster,
-            options: Options = Options()) -> Predicted:
+            options: Options | None = None) -> Predicted:
     """The plan's predicted step time and per-device memory by category."""
+    options = options or Options()
     compute = communication = temporary = 0.0
     collectives: dict[str, float] = defaultdict(float)
     memory: dict[str, float] = defaultdict(float)
@@ -169,5 +181,6 @@ def predict(graph: ModelGraph, plan: Plan, cluster: Cluster,
         for k, v in t.memory.items():
             memory[k] += v
     memory["batch"] = graph.batch_bytes / plan.data_parallel_size
-    memory["temporaries"] = temporary + options.reserve_bytes
+    # the optimizer update needs a parameter-sized buffer when activations are gone
+    memory["temporaries"] = max(temporary, memory["params"]) + options.reserve_bytes
     return Predicted(dict(memory), compute, communication, dict(collectives), "analytic")

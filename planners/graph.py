@@ -29,23 +29,40 @@ class Matmul:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tensor:
+    """An activation autodiff saves: one layer's shape, its bytes and the logical axis of
+    each dimension (None where the trace could not tell)."""
+
+    shape: tuple[int, ...]
+    nbytes: float
+    logical_axes: tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Group:
     """One layer group: its parameters (full shapes, stacked ones with the `layers` axis
     first), the matmuls of one layer, its forward FLOPs (all contractions, attention's too)
-    and the bytes of one layer's activations autodiff saves for backward, without and
-    with remat."""
+    and one layer's activations autodiff saves for backward, without and with remat."""
 
     name: str
     repeat: int
     params: tuple[ParamInfo, ...]
     matmuls: tuple[Matmul, ...]
     flops_fwd: float
-    saved_bytes: float
-    saved_bytes_remat: float
+    saved: tuple[Tensor, ...]
+    saved_remat: tuple[Tensor, ...]
 
     @property
     def param_bytes(self) -> int:
         return sum(p.nbytes for p in self.params)
+
+    @property
+    def saved_bytes(self) -> float:
+        return sum(t.nbytes for t in self.saved)
+
+    @property
+    def saved_bytes_remat(self) -> float:
+        return sum(t.nbytes for t in self.saved_remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +95,8 @@ class ModelGraph:
                                      tuple(p["logical_axes"])) for p in g["params"])
             matmuls = tuple(Matmul(m["param"], tuple(m["contracting"]), tuple(m["free"]),
                                    m["flops"], m["out_bytes"], m["in_bytes"]) for m in g["matmuls"])
+            saved = {k: tuple(Tensor(tuple(t["shape"]), t["nbytes"], tuple(t["logical_axes"]))
+                              for t in g[k]) for k in ("saved", "saved_remat")}
             groups.append(Group(g["name"], g["repeat"], params, matmuls, g["flops_fwd"],
-                                g["saved_bytes"], g["saved_bytes_remat"]))
+                                saved["saved"], saved["saved_remat"]))
         return cls(tuple(groups), d["batch_size"], d["batch_bytes"])

@@ -1,0 +1,253 @@
+"""Sharding planner: the fastest plan that fits in memory, found exactly.
+
+Outer loop: every mesh shape data x fsdp x tensor whose product is the device count, and
+each ZeRO level; a provably small space (d(N)^2 shapes, 66 for 1024 devices). Inner
+problem, per shape: a MILP with HiGHS over the choices that interact through the memory
+budget: for every layer group, whether its parameters are split over `fsdp` or
+replicated, plus the plan-wide remat flag and microbatch count. A group's cost depends on
+the global choices, so there is one binary per (group, fsdp, remat, microbatches)
+combination, tied to one-hot global choices; temporaries enter as their maximum over
+groups. Minimise the predicted step time subject to the per-device memory budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from jaxpar.plan import (
+    DEFAULT_RULES,
+    Alternative,
+    Plan,
+    PlanError,
+    Rules,
+)
+from jaxpar.planners.cluster import Cluster
+from jaxpar.planners.cost import Options, group_terms, predict
+from jaxpar.planners.graph import ModelGraph
+
+GiB = 2**30
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def mesh_shapes(num_devices: int) -> list[tuple[tuple[str, int], ...]]:
+    """Every data x fsdp x tensor factorisation of `num_devices`."""
+    return [(("data", num_devices // (t * f)), ("fsdp", f), ("tensor", t))
+            for t in divisors(num_devices) for f in divisors(num_devices // t)]
+
+
+def replicate_over_fsdp(rules: Rules) -> Rules:
+    """The rules with `fsdp` dropped for parameters (the batch keeps it)."""
+    return tuple((name, axes if name == "batch" else tuple(a for a in axes if a != "fsdp"))
+                 for name, axes in rules)
+
+
+def describe(plan: Plan) -> str:
+    """A short name: 'dp2+fsdp2+tp2 m4 remat zero1 (embed,positions replicated)'."""
+    sizes = plan.mesh_shape
+    parts = [f"{k}{sizes[a]}" for k, a in (("dp", "data"), ("fsdp", "fsdp"), ("tp", "tensor"))
+             if sizes.get(a, 1) > 1] or ["single"]
+    name = "+".join(parts)
+    if plan.microbatches > 1:
+        name += f" m{plan.microbatches}"
+    if plan.remat:
+        name += " remat"
+    if plan.zero:
+        name += " zero1"
+    replicated = [pattern.strip("^/") for pattern, _ in plan.group_rules]
+    if replicated and sizes.get("fsdp", 1) > 1:
+        name += f" ({','.join(replicated)} unsharded)"
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Combo:
+    group: int
+    fsdp: bool
+    remat: bool
+    microbatches: int
+    time_s: float
+    memory: float
+    temporary: float
+    params: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Solution:
+    plan: Plan
+    time_s: float
+    memory: float
+    gap: float
+
+
+def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
+            microbatches: Sequence[int]) -> list[_Combo] | None:
+    """Every valid (group, fsdp, remat, microbatches) combination with its cost; None if
+    some group has no valid layout on this mesh."""
+    fsdp_choices = (True, False) if base.mesh_shape["fsdp"] > 1 else (True,)
+    combos = []
+    for gi, group in enumerate(graph.groups):
+        valid = 0
+        for fsdp in fsdp_choices:
+            rules = () if fsdp else ((f"^{group.name}/", replicate_over_fsdp(base.rules)),)
+            plan = dataclasses.replace(base, group_rules=rules)
+            try:
+                for p in group.params:
+                    plan.check_param(p)
+            except PlanError:
+                continue
+            valid += 1
+            for remat in (False, True):
+                for m in microbatches:
+                    variant = dataclasses.replace(plan, remat=remat, microbatches=m)
+                    t = group_terms(group, variant, cluster, options)
+                    combos.append(_Combo(gi, fsdp, remat, m, t.compute_s + t.communication_s,
+                                         sum(t.memory.values()), t.temporary,
+                                         t.memory["params"]))
+        if not valid:
+            return None
+    return combos
+
+
+def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Sequence[int],
+           budget: float, options: Options, minimise_memory: bool = False) -> _Solution | None:
+    """The MILP for one mesh shape and ZeRO level."""
+    fixed_memory = graph.batch_bytes / base.data_parallel_size + options.reserve_bytes
+    n, groups = len(combos), len(graph.groups)
+    # variables: y (one per combo), z (one per microbatch count), r (remat), T (temporaries)
+    nz = len(microbatches)
+    iz, ir, it = n, n + nz, n + nz + 1
+    size = n + nz + 2
+    c = np.zeros(size)
+    if minimise_memory:
+        c[:n] = [k.memory for k in combos]
+        c[it] = 1.0
+    else:
+        c[:n] = [k.time_s for k in combos]
+    rows, lo, hi = [], [], []
+
+    def row(coeffs: dict[int, float], lower: float, upper: float) -> None:
+        r = np.zeros(size)
+        for j, v in coeffs.items():
+            r[j] += v
+        rows.append(r)
+        lo.append(lower)
+        hi.append(upper)
+
+    row({iz + j: 1.0 for j in range(nz)}, 1, 1)
+    for g in range(groups):
+        mine = [i for i, k in enumerate(combos) if k.group == g]
+        row(dict.fromkeys(mine, 1.0), 1, 1)
+        for j, m in enumerate(microbatches):
+            row({**{i: 1.0 for i in mine if combos[i].microbatches == m}, iz + j: -1.0}, 0, 0)
+        row({**{i: 1.0 for i in mine if combos[i].remat}, ir: -1.0}, 0, 0)
+    for i, k in enumerate(combos):  # T >= each group's temporaries, and >= all parameters
+        row({i: k.temporary, it: -1.0}, -np.inf, 0)
+    row({**{i: k.params for i, k in enumerate(combos)}, it: -1.0}, -np.inf, 0)
+    if not minimise_memory:
+        row({**{i: k.memory for i, k in enumerate(combos)}, it: 1.0}, -np.inf,
+            budget - fixed_memory)
+    integrality = np.ones(size)
+    integrality[it] = 0
+    upper = np.ones(size)
+    upper[it] = np.inf
+    result = milp(c, integrality=integrality, bounds=Bounds(np.zeros(size), upper),
+                  constraints=LinearConstraint(np.array(rows), lo, hi))
+    if result.x is None:
+        return None
+    x = np.round(result.x[:n]).astype(bool)
+    chosen = [k for k, on in zip(combos, x) if on]
+    m = chosen[0].microbatches
+    remat = chosen[0].remat
+    rules = tuple((f"^{graph.groups[k.group].name}/", replicate_over_fsdp(base.rules))
+                  for k in chosen if not k.fsdp)
+    plan = dataclasses.replace(base, remat=remat, microbatches=m, group_rules=rules)
+    time_s = sum(k.time_s for k in chosen)
+    temporary = max(max(k.temporary for k in chosen), sum(k.params for k in chosen))
+    memory = sum(k.memory for k in chosen) + temporary + fixed_memory
+    return _Solution(plan, time_s, memory, float(result.mip_gap or 0.0))
+
+
+def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,
+            max_microbatches: int) -> tuple[list[_Solution], list[Plan]]:
+    """The best plan of every mesh shape and ZeRO level that fits, and the bases that don't."""
+    solutions: list[_Solution] = []
+    infeasible: list[Plan] = []
+    for mesh in mesh_shapes(cluster.num_devices):
+        base = Plan(mesh=mesh, rules=DEFAULT_RULES)
+        dp = base.data_parallel_size
+        if graph.batch_size % dp:
+            continue
+        micro = [m for m in divisors(graph.batch_size // dp) if m <= max_microbatches]
+        for zero in (0, 1) if dp > 1 else (0,):
+            base_z = dataclasses.replace(base, zero=zero)
+            combos = _combos(graph, base_z, cluster, options, micro)
+            if combos is None:
+                break
+            found = _solve(graph, base_z, combos, micro, budget, options)
+            if found is None:
+                infeasible.append(base_z)
+            else:
+                solutions.append(found)
+    return solutions, infeasible
+
+
+def plan_sharding(graph: ModelGraph, cluster: Cluster, memory_budget: float | None = None,
+                  options: Options | None = None, max_microbatches: int = 16,
+                  alternatives: int = 8) -> Plan:
+    """The plan with the least predicted step time whose predicted per-device memory fits
+    `memory_budget` (default: the cluster's device memory). Raises PlanError naming the
+    smallest memory (and device count) that would fit when nothing does."""
+    budget = cluster.memory_bytes if memory_budget is None else memory_budget
+    options = options or Options()
+    start = time.perf_counter()
+    solutions, infeasible = _search(graph, cluster, budget, options, max_microbatches)
+    if not solutions:
+        raise PlanError(_no_fit_message(graph, cluster, budget, infeasible, options,
+                                        max_microbatches))
+    solutions.sort(key=lambda s: s.time_s)
+    best = solutions[0]
+    plan = dataclasses.replace(best.plan, name=describe(best.plan)).bind(graph.params)
+    predicted = dataclasses.replace(predict(graph, plan, cluster, options), gap=best.gap,
+                                    source=f"analytic, searched in "
+                                           f"{time.perf_counter() - start:.2f} s")
+    runners = [Alternative(describe(s.plan), s.time_s, s.memory,
+                           f"{s.time_s / best.time_s - 1:+.1%} step time")
+               for s in solutions[1:alternatives + 1]]
+    runners += [Alternative(describe(p), math.nan, math.nan,
+                            f"no layout fits {budget / GiB:.2f} GiB")
+                for p in infeasible[:max(0, alternatives - len(runners))]]
+    return dataclasses.replace(plan, predicted=predicted, alternatives=tuple(runners))
+
+
+def _no_fit_message(graph: ModelGraph, cluster: Cluster, budget: float,
+                    infeasible: list[Plan], options: Options, max_microbatches: int) -> str:
+    """Name the smallest per-device memory any plan needs and the devices that would fit."""
+    least, least_plan = math.inf, None
+    for base in infeasible:
+        dp = base.data_parallel_size
+        micro = [m for m in divisors(graph.batch_size // dp) if m <= max_microbatches]
+        combos = _combos(graph, base, cluster, options, micro)
+        found = _solve(graph, base, combos, micro, budget, options, minimise_memory=True)
+        if found and found.memory < least:
+            least, least_plan = found.memory, found.plan
+    if least_plan is None:
+        return (f"no mesh of {cluster.num_devices} devices can lay out this model with batch "
+                f"{graph.batch_size}; change the batch size or the device count")
+    more = ""
+    for factor in (2, 4, 8, 16, 32, 64):
+        bigger = dataclasses.replace(cluster, num_nodes=cluster.num_nodes * factor)
+        if _search(graph, bigger, budget, options, max_microbatches)[0]:
+            more = f", or use >= {bigger.num_devices} devices"
+            break
+    return (f"no plan fits: the smallest needs {least / GiB:.2f} GiB per device "
+            f"({describe(least_plan)}); the budget is {budget / GiB:.2f} GiB; raise the "
+            f"budget to {least / GiB:.2f} GiB{more}")

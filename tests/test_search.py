@@ -1,0 +1,129 @@
+"""The sharding planner on made-up models and clusters: exact, fast, and clear when nothing
+fits. Pure planning: no jax, no devices."""
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+
+from jaxpar.plan import ParamInfo, Plan, PlanError
+from jaxpar.planners.cluster import a100_80gb
+from jaxpar.planners.cost import predict
+from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
+from jaxpar.planners.search import (
+    divisors,
+    mesh_shapes,
+    plan_sharding,
+    replicate_over_fsdp,
+)
+
+GiB = 2**30
+
+
+def transformer(layers=24, embed=2048, heads=16, mlp=8192, vocab=51200, batch=64, length=2048):
+    """A GPT-like ModelGraph written by hand (fp32 bytes), as the tracer would report it."""
+    bt = batch * length
+    act = (("batch", "length", "embed"), bt * embed * 4)
+    hidden = (("batch", "length", "mlp"), bt * mlp * 4)
+    qkv = (("batch", "length", "heads", "kv"), bt * embed * 4)
+
+    def tensors(*specs):
+        return tuple(Tensor((), nbytes, axes) for axes, nbytes in specs)
+
+    def p(path, shape, axes):
+        return ParamInfo(path, shape, "float32", axes)
+
+    block_params = (
+        p("blocks/q", (layers, embed, heads, embed // heads), ("layers", "embed", "heads", "kv")),
+        p("blocks/o", (layers, heads, embed // heads, embed), ("layers", "heads", "kv", "embed")),
+        p("blocks/up", (layers, embed, mlp), ("layers", "embed", "mlp")),
+        p("blocks/down", (layers, mlp, embed), ("layers", "mlp", "embed")),
+        p("blocks/norm", (layers, embed), ("layers", "embed")),
+    )
+    mm = 2 * bt * embed
+    block_matmuls = (
+        Matmul("blocks/q", ("embed",), ("heads", "kv"), 3 * mm * embed, 3 * bt * embed * 4,
+               bt * embed * 4),
+        Matmul("blocks/o", ("heads", "kv"), ("embed",), mm * embed, bt * embed * 4,
+               bt * embed * 4),
+        Matmul("blocks/up", ("embed",), ("mlp",), mm * mlp, bt * mlp * 4, bt * embed * 4),
+        Matmul("blocks/down", ("mlp",), ("embed",), mm * mlp, bt * embed * 4, bt * mlp * 4),
+    )
+    attention = 4 * bt * length * embed
+    blocks = Group("blocks", layers, block_params, block_matmuls,
+                   sum(m.flops for m in block_matmuls) + attention,
+                   tensors(act, act, qkv, qkv, qkv, hidden, hidden, act), tensors(act))
+    table = p("embed/table", (vocab, embed), ("vocab", "embed"))
+    logits = Matmul("embed/table", ("embed",), ("vocab",), 2 * bt * embed * vocab,
+                    bt * vocab * 4, bt * embed * 4)
+    embed_group = Group("embed", 1, (table,), (logits,), logits.flops,
+                        tensors(act, (("batch", "length", "vocab"), bt * vocab * 4)),
+                        tensors(act, (("batch", "length", "vocab"), bt * vocab * 4)))
+    return ModelGraph((embed_group, blocks), batch, 2 * bt * 4)
+
+
+def test_mesh_shapes_are_every_factorisation():
+    shapes = mesh_shapes(1024)
+    assert len(shapes) == 66 and len(set(shapes)) == 66
+    assert all(math.prod(s for _, s in mesh) == 1024 for mesh in shapes)
+    assert sum(1 for _ in mesh_shapes(8)) == 10
+
+
+def test_the_milp_finds_the_optimum_of_brute_force():
+    graph = transformer(layers=4, embed=1024, heads=8, mlp=4096, vocab=8192, batch=16,
+                        length=512)
+    cluster = a100_80gb(num_nodes=1)
+    budget = 3 * GiB
+    plan = plan_sharding(graph, cluster, budget)
+    best = math.inf
+    for mesh in mesh_shapes(8):
+        base = Plan(mesh=mesh)
+        dp = base.data_parallel_size
+        for zero, remat, m in itertools.product((0, 1), (False, True), divisors(16 // dp)):
+            for shard in itertools.product((True, False), repeat=len(graph.groups)):
+                rules = tuple((f"^{g.name}/", replicate_over_fsdp(base.rules))
+                              for g, on in zip(graph.groups, shard) if not on)
+                candidate = dataclasses.replace(base, zero=zero, remat=remat, microbatches=m,
+                                                group_rules=rules)
+                try:
+                    for info in graph.params:
+                        candidate.check_param(info)
+                except PlanError:
+                    continue
+                pr = predict(graph, candidate, cluster)
+                if pr.total_bytes <= budget:
+                    best = min(best, pr.step_s)
+    assert plan.predicted.step_s == pytest.approx(best, rel=1e-9)
+    assert plan.predicted.total_bytes <= budget
+    assert plan.predicted.gap is not None and plan.predicted.gap <= 1e-4
+
+
+def test_a_tight_budget_forces_sharding_and_remat():
+    graph = transformer(layers=8, embed=2048, heads=16, mlp=8192, vocab=51200, batch=32)
+    cluster = a100_80gb(num_nodes=1)
+    roomy = plan_sharding(graph, cluster, 80 * GiB)
+    tight = plan_sharding(graph, cluster, roomy.predicted.total_bytes / 3)
+    assert tight.predicted.total_bytes <= roomy.predicted.total_bytes / 3
+    assert tight.predicted.step_s >= roomy.predicted.step_s
+    shards = tight.mesh_shape["fsdp"] * tight.mesh_shape["tensor"]
+    assert shards > 1 or tight.remat or tight.microbatches > 1
+
+
+def test_infeasible_budget_names_the_smallest_memory_and_the_devices_that_fit():
+    graph = transformer(layers=8, batch=32)
+    with pytest.raises(PlanError, match=r"the smallest needs (\d+\.\d+) GiB per device .* the "
+                                        r"budget is 0\.50 GiB.* or use >= \d+ devices") as err:
+        plan_sharding(graph, a100_80gb(num_nodes=1), 0.5 * GiB)
+    least = float(err.value.args[0].split("smallest needs ")[1].split(" GiB")[0])
+    assert plan_sharding(graph, a100_80gb(num_nodes=1), least * GiB * 1.01)  # 2 decimals shown
+
+
+def test_explain_lists_runners_up_with_reasons():
+    graph = transformer(layers=4, embed=1024, heads=8, mlp=4096, vocab=8192, batch=16)
+    plan = plan_sharding(graph, a100_80gb(num_nodes=1), 80 * GiB)
+    text = plan.explain()
+    assert plan.name in text and "runner-up" in text
+    assert len(plan.alternatives) == 8
+    assert all(a.step_s >= plan.predicted.step_s for a in plan.alternatives)
+    assert Plan.from_json(plan.to_json()).explain() == text
