@@ -19,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from jaxpar.plan import Layout, Plan
+from jaxpar.plan import Layout, Plan, PlanError
 
 GATHERED = "jaxpar_gathered"
 
@@ -64,26 +64,42 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     )
 
 
-def gather(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """All-gather the manual-axis shards of a parameter into its full (auto-sharded) value."""
+def gather(x: jax.Array, layout: Layout) -> jax.Array:
+    """All-gather the manual-axis shards of a parameter laid out as `layout` into its full
+    (auto-sharded) value."""
     current = _ACTIVE.get()
     if current is None:
         return x
-    for dim, axes in enumerate(current.plan.layout(logical_axes)):
+    for dim, axes in enumerate(layout):
         manual = tuple(a for a in axes if a in current.manual)
         if manual:
             x = jax.lax.all_gather(x, manual, axis=dim, tiled=True)
     return checkpoint_name(x, GATHERED)
 
 
+def _layer_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -> Layout:
+    """Layout of one layer's slice of the stacked parameter whose path ends in `path`
+    (a layer module knows only its own paths); its `group_rules` apply."""
+    stacked = [p for p in plan.params
+               if p.path.endswith("/" + path) and p.logical_axes[1:] == logical_axes]
+    layouts = {plan.param_layout(p)[1:] for p in stacked}
+    if len(layouts) > 1:
+        raise PlanError(f"layer parameter {path} matches {', '.join(p.path for p in stacked)}, "
+                        "laid out differently; give their groups the same rules")
+    return layouts.pop() if layouts else plan.layout(logical_axes)
+
+
 def gather_module(module: nnx.Module) -> nnx.Module:
-    """A copy of `module` whose parameters are gathered (see `gather`)."""
+    """A copy of the layer `module` whose parameters are gathered (see `gather`)."""
+    plan = _ACTIVE.get().plan
     graphdef, state = nnx.split(module)
-    flat = [
-        (path, var.replace(gather(var.get_value(), var.get_metadata().get("out_sharding") or ())))
-        if isinstance(var, nnx.Param) else (path, var)
-        for path, var in nnx.to_flat_state(state)
-    ]
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, nnx.Param):
+            axes = tuple(var.get_metadata().get("out_sharding") or ())
+            layout = _layer_layout(plan, "/".join(map(str, path)), axes)
+            var = var.replace(gather(var.get_value(), layout))
+        flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -94,7 +94,7 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
     def local_loss(params: dict, batch: Any) -> jax.Array:
         # parameters of the repeated layer are gathered by `jaxpar.layer`, the rest here
         params = _by_path(params, plan.params, lambda i, x: x if "layers" in i.logical_axes
-                          else context.gather(x, i.logical_axes))
+                          else context.gather(x, plan.param_layout(i)))
         return loss_fn(nnx.merge(graphdef, params), batch)
 
     def replicated_over(info: ParamInfo) -> tuple[str, ...]:

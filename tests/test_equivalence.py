@@ -7,6 +7,8 @@ import pytest
 
 import jaxpar
 from jaxpar.models.gpt import build, lm_loss
+from jaxpar.plan import DEFAULT_RULES
+from jaxpar.planners.search import replicate_over_fsdp
 
 from oracle import single_device_run
 
@@ -85,6 +87,13 @@ def test_named_plan_matches_single_device(spec, optimizer, batches, references):
 ])
 def test_microbatches_remat_and_zero_match_single_device(spec, options, batches, references):
     plan = jaxpar.named_plan(spec, 8, **options)
+    check_plan(build("tiny"), plan, batches, "adamw", references["adamw"])
+
+
+def test_group_rules_match_single_device(batches, references):
+    """The stacked blocks replicated over fsdp while the embedding stays split."""
+    rules = (("^blocks/", replicate_over_fsdp(DEFAULT_RULES)),)
+    plan = jaxpar.named_plan("fsdp4+tp2", 8, group_rules=rules)
     check_plan(build("tiny"), plan, batches, "adamw", references["adamw"])
 
 

@@ -1,6 +1,7 @@
 """trace_graph: groups, matmuls, FLOPs and saved activations of a model, with shapes only."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 from jaxpar.graph import trace_graph
 from jaxpar.models import gpt
 from jaxpar.models.presets import preset
-from jaxpar.planners.graph import ModelGraph
+from jaxpar.planners.graph import Group, ModelGraph, Tensor
 from jaxpar.trace import abstract_params
 
 
@@ -73,12 +74,46 @@ def test_gpt_matmuls_name_their_logical_axes(tiny):
     assert up.flops == 2 * b * t * e * 4 * e  # one layer's
 
 
+def _blocks(graph: ModelGraph) -> Group:
+    return next(g for g in graph.groups if g.name == "blocks")
+
+
+def _known(tensor: Tensor) -> bool:
+    """Every dimension that could be split (size > 1) has a logical name."""
+    return all(a is not None for a, d in zip(tensor.logical_axes, tensor.shape) if d > 1)
+
+
+def test_saved_tensors_are_one_layers_with_bytes_of_their_shape(tiny):
+    for group in tiny.groups:
+        for t in group.saved + group.saved_remat:
+            assert len(t.shape) == len(t.logical_axes)
+            assert t.nbytes in (math.prod(t.shape) * 4, math.prod(t.shape))  # f32, bool
+            assert "layers" not in t.logical_axes
+
+
 def test_remat_saves_only_each_layer_input(tiny):
-    blocks = next(g for g in tiny.groups if g.name == "blocks")
-    layer_input = 4 * 64 * 64 * 4  # batch x length x embed, float32
-    assert blocks.saved_bytes_remat == pytest.approx(layer_input, rel=0.1)
+    blocks = _blocks(tiny)
+    assert blocks.saved_remat == (Tensor((4, 64, 64), 4 * 64 * 64 * 4,
+                                         ("batch", "length", "embed")),)
     assert blocks.saved_bytes > 5 * blocks.saved_bytes_remat
-    assert all(g.saved_bytes == g.saved_bytes_remat for g in tiny.groups if g.repeat == 1)
+    assert all(g.saved == g.saved_remat for g in tiny.groups if g.repeat == 1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tied": False, "positions": "rotary"}])
+def test_saved_activations_name_their_logical_axes(overrides):
+    cfg = dataclasses.replace(preset("tiny"), **overrides)
+    saved = _blocks(trace_graph(gpt.build(cfg), gpt.lm_loss, _tokens(4, 64))).saved
+    total = sum(t.nbytes for t in saved)
+    assert all("batch" in t.logical_axes for t in saved)
+    assert sum(t.nbytes for t in saved if _known(t)) >= 0.9 * total
+    split = [t for t in saved if {"heads", "mlp"} & set(t.logical_axes)]
+    assert sum(t.nbytes for t in split) > 0.4 * total
+    b, length, h = 4, 64, cfg.heads
+    scores = [s for s in split if s.shape[-2:] == (length, length)]  # attention logits, weights
+    assert scores and all(s.nbytes == b * h * length * length * 4 for s in scores)
+    assert all(s.logical_axes[-4:] == ("batch", "heads", "length", "length") for s in scores)
+    hidden = [s for s in split if "mlp" in s.logical_axes]
+    assert hidden and all(s.logical_axes == ("batch", "length", "mlp") for s in hidden)
 
 
 class _MLP(nnx.Module):
@@ -115,7 +150,13 @@ def test_unseen_model_traces_with_sensible_groups():
         ("hidden/kernel", ("embed",), ("mlp",)), ("out/kernel", ("mlp",), ("vocab",))]
     assert (graph.batch_size, graph.batch_bytes) == (b, b * (d_in + d_out) * 4)
     assert all(g.saved_bytes > 0 for g in graph.groups)
+    # no constrain calls: names come from the batch (its first dim) and the parameters
+    hidden, out = graph.groups
+    assert hidden.saved == (Tensor((b, d_in), b * d_in * 4, ("batch", None)),)  # remat: input
+    assert Tensor((b, d_hidden), b * d_hidden * 4, ("batch", "mlp")) in out.saved
+    assert all(t.logical_axes[:1] == ("batch",) for t in out.saved if t.shape)
 
 
 def test_json_round_trip(tiny):
+    assert all(g.saved for g in tiny.groups if g.name != "positions")
     assert ModelGraph.from_json(tiny.to_json()) == tiny

@@ -1,0 +1,171 @@
+"""auto_parallelize: planned plans run, match the single-device program, and their
+predictions agree with the compiler; planning is fast; an impossible budget says what fits."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxpar
+from jaxpar import hlo
+from jaxpar.graph import trace_graph
+from jaxpar.models.gpt import Block, build, lm_loss
+from jaxpar.models.presets import GPTConfig
+from jaxpar.plan import PlanError
+from jaxpar.planners.cluster import a100_80gb
+from jaxpar.planners.cost import Options, predict
+from jaxpar.planners.search import plan_sharding
+
+from oracle import single_device_run
+
+RTOL = 1e-4  # per parameter tensor, relative norm (see test_equivalence.py)
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    return jaxpar.calibrate(cache_dir=tmp_path_factory.mktemp("calibration"))
+
+
+def lm_batches(batch=16, length=32, steps=3, vocab=256):
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(0, vocab, (batch, length + 1)).astype(np.int32) for _ in range(steps)]
+    return [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
+
+
+def train(par, batches):
+    state = par.init(jax.random.key(0))
+    losses = []
+    for batch in batches:
+        state, metrics = par.step(state, par.shard_batch(batch))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.tree.map(np.asarray, state.params)
+
+
+def assert_matches_single_device(par, model_fn, loss_fn, optimizer, batches):
+    want_losses, want_params = single_device_run(model_fn, optimizer, loss_fn, batches)
+    got_losses, got_params = train(par, batches)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=RTOL)
+    jax.tree.map(lambda g, w: np.testing.assert_array_less(
+        np.linalg.norm(g - w), RTOL * np.linalg.norm(w) + 1e-12), got_params, want_params)
+
+
+# ---------------------------------------------------------------- models jaxpar never saw
+class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, d=64, hidden=256, classes=16):
+        init = nnx.initializers.lecun_normal()
+        self.up = nnx.Linear(d, hidden, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
+                             bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("mlp",)),
+                             rngs=rngs)
+        self.down = nnx.Linear(hidden, classes, rngs=rngs,
+                               kernel_init=nnx.with_partitioning(init, ("mlp", "vocab")),
+                               bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("vocab",)))
+
+    def __call__(self, x):
+        return self.down(jax.nn.relu(self.up(x)))
+
+
+class ViT(nnx.Module):
+    """Patches of 4x4 pixels, two transformer blocks (not stacked), mean pool, classifier."""
+
+    def __init__(self, rngs: nnx.Rngs, embed=64, classes=16):
+        cfg = GPTConfig(vocab=classes, length=16, embed=embed, heads=8, layers=2)
+        init = nnx.initializers.lecun_normal()
+        self.patch = nnx.Linear(48, embed, rngs=rngs,
+                                kernel_init=nnx.with_partitioning(init, (None, "embed")),
+                                bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)))
+        self.block1, self.block2 = Block(cfg, rngs), Block(cfg, rngs)
+        self.head = nnx.Linear(embed, classes, rngs=rngs,
+                               kernel_init=nnx.with_partitioning(init, ("embed", "vocab")),
+                               bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("vocab",)))
+
+    def __call__(self, images):  # (batch, 16, 16, 3)
+        b = images.shape[0]
+        x = images.reshape(b, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 16, 48)
+        x = jaxpar.constrain(self.patch(x), ("batch", "length", "embed"))
+        return self.head(self.block2(self.block1(x)).mean(axis=1))
+
+
+def classify_loss(model, batch):
+    logits = model(batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+def classification_batches(shape, batch=16, steps=3, classes=16):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(size=(batch, *shape)).astype(np.float32),
+             "y": rng.integers(0, classes, (batch,)).astype(np.int32)} for _ in range(steps)]
+
+
+@pytest.mark.parametrize("model_fn, loss_fn, batches", [
+    (MLP, classify_loss, classification_batches((64,))),
+    (ViT, classify_loss, classification_batches((16, 16, 3))),
+    (build("tiny"), lm_loss, lm_batches()),
+], ids=["mlp", "vit", "gpt-tiny"])
+def test_planned_models_match_single_device(model_fn, loss_fn, batches, cluster):
+    optimizer = optax.adamw(1e-3)
+    par = jaxpar.auto_parallelize(model_fn, optimizer, loss_fn, batches[0], cluster=cluster)
+    assert par.plan.predicted is not None and par.plan.alternatives
+    assert_matches_single_device(par, model_fn, loss_fn, optimizer, batches)
+
+
+@pytest.mark.parametrize("force", ["sharding", "remat"])
+def test_tight_budgets_are_met_and_still_match(force, cluster):
+    model_fn, batches = build("tiny"), lm_batches(batch=16, length=64)
+    optimizer = optax.adamw(1e-3)
+    graph = trace_graph(model_fn, lm_loss, batches[0])
+    options = Options(optimizer_slots=2)
+    free = plan_sharding(graph, cluster, options=options)
+    if force == "sharding":
+        budget = free.predicted.total_bytes - free.predicted.memory_bytes["params"] / 2
+    else:
+        budget = 0.6 * free.predicted.total_bytes
+    par = jaxpar.auto_parallelize(model_fn, optimizer, lm_loss, batches[0], cluster=cluster,
+                                  memory_budget=budget, max_microbatches=1)
+    plan = par.plan
+    assert plan.predicted.total_bytes <= budget < free.predicted.total_bytes
+    if force == "sharding":
+        assert plan.mesh_shape["fsdp"] * plan.mesh_shape["tensor"] > 1
+    else:
+        assert plan.remat
+    assert_matches_single_device(par, model_fn, lm_loss, optimizer, batches)
+
+
+@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+fsdp2+tp2"])
+def test_predicted_memory_and_collectives_agree_with_the_compiler(spec, cluster):
+    model_fn, batch = build("small"), lm_batches(batch=16, length=64, steps=1)[0]
+    par = jaxpar.parallelize(model_fn, optax.adamw(1e-3), lm_loss,
+                             jaxpar.named_plan(spec, 8, remat=spec == "fsdp8"), batch)
+    predicted = predict(trace_graph(model_fn, lm_loss, batch), par.plan, cluster)
+    compiled = par.lower(batch).compile()
+    memory = compiled.memory_analysis()
+    pm = predicted.memory_bytes
+    # parameters + optimizer state (+ the batch shard) are the step's arguments
+    assert pm["params"] + pm["optimizer"] + pm["batch"] == pytest.approx(
+        memory.argument_size_in_bytes, rel=0.05)
+    assert predicted.total_bytes == pytest.approx(
+        memory.argument_size_in_bytes + memory.temp_size_in_bytes, rel=0.25)
+    emitted = {op.kind for op in hlo.collectives(compiled.as_text()) if op.nbytes > 64}
+    assert emitted == {kind for kind, nbytes in predicted.collective_bytes.items() if nbytes}
+
+
+def test_gpt3_175b_on_1024_and_4096_a100s_plans_in_seconds():
+    batch = {k: jax.ShapeDtypeStruct((1536, 2048), jnp.int32) for k in ("inputs", "targets")}
+    graph = trace_graph(build("gpt3-175b"), lm_loss, batch)
+    for nodes in (128, 512):
+        start = time.process_time()
+        plan = plan_sharding(graph, a100_80gb(nodes), options=Options(efficiency=0.5))
+        assert time.process_time() - start < 10
+        assert plan.num_devices == nodes * 8
+        assert plan.predicted.total_bytes <= 80e9
+
+
+def test_impossible_budget_fails_before_compiling(cluster):
+    batch = lm_batches(steps=1)[0]
+    with pytest.raises(PlanError, match=r"no plan fits: the smallest needs .* GiB per device"):
+        jaxpar.auto_parallelize(build("tiny"), optax.adamw(1e-3), lm_loss, batch,
+                                cluster=cluster, memory_budget=1000)
