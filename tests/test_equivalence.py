@@ -10,49 +10,15 @@ from jaxpar.models.gpt import build, lm_loss
 from jaxpar.plan import DEFAULT_RULES
 from jaxpar.planners.search import replicate_over_fsdp
 
-from oracle import single_device_run
+from oracle import assert_same_run, parallel_run, single_device_run, token_batches
 
-# fp32 on CPU: a parallel plan only changes the order of sums, so gradients agree to ~1e-7.
-# Tolerances: losses 1e-4 relative. With SGD every parameter entry within 1e-4 relative
-# (+1e-7 absolute for entries near 0). AdamW divides by sqrt(v) + 1e-8, so entries whose
-# gradient is fp32 noise (~1e-9, true value 0) step by up to +-lr in either run; there we
-# compare each tensor as a whole: ||got - want|| / ||want|| <= 1e-4.
-RTOL, ATOL = 1e-4, 1e-7
 STEPS, BATCH, LENGTH = 3, 16, 32
 OPTIMIZERS = {"sgd": lambda: optax.sgd(1.0), "adamw": lambda: optax.adamw(1e-3)}
 
 
-def token_batches(vocab: int = 256, steps: int = STEPS, batch: int = BATCH, length: int = LENGTH):
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(steps):
-        tokens = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
-        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-    return out
-
-
 def run_plan(model_fn, plan, batches, optimizer):
     par = jaxpar.parallelize(model_fn, optimizer, lm_loss, plan, batches[0])
-    state = par.init(jax.random.key(0))
-    losses = []
-    for batch in batches:
-        state, metrics = par.step(state, par.shard_batch(batch))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.tree.map(np.asarray, state.params)
-
-
-def assert_same_run(got, want, elementwise: bool):
-    got_losses, got_params = got
-    want_losses, want_params = want
-    np.testing.assert_allclose(got_losses, want_losses, rtol=RTOL)
-
-    def same(g, w):
-        if elementwise:
-            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
-        else:
-            assert np.linalg.norm(g - w) <= RTOL * np.linalg.norm(w)
-
-    jax.tree.map(same, got_params, want_params)
+    return parallel_run(par, batches)
 
 
 def check_plan(model_fn, plan, batches, optimizer_name, reference=None):
@@ -64,7 +30,7 @@ def check_plan(model_fn, plan, batches, optimizer_name, reference=None):
 
 @pytest.fixture(scope="module")
 def batches():
-    return token_batches()
+    return token_batches(BATCH, LENGTH, STEPS)
 
 
 @pytest.fixture(scope="module")
