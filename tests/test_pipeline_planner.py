@@ -1,0 +1,345 @@
+"""The pipeline planner on analytic GPT graphs: fast, at least as good as Megatron-LM's own
+configurations under the same cost model, an exact DP cut, and clear errors. Pure planning:
+no jax, no devices."""
+
+import csv
+import dataclasses
+import itertools
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxpar.plan import ParamInfo, PlanError, named_plan
+from jaxpar.planners.cluster import a100_80gb
+from jaxpar.planners.cost import Options, predict
+from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
+from jaxpar.planners.pipeline import (
+    SCHEDULES,
+    Cost,
+    PipelinePlan,
+    _max_layers,
+    _Pricer,
+    _proxy_memory,
+    cut_layers,
+    evaluate_pipeline,
+    in_flight,
+    live_bytes,
+    make_schedule,
+    piece_cost,
+    pipeline_bound,
+    plan_pipeline,
+    rescale,
+    schedule_allows,
+    stage_parts,
+    step_flops,
+    subcluster,
+    sync_time,
+)
+from jaxpar.planners.simulator import simulate
+
+GiB = 2**30
+CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "megatron_gpt_configs.csv"
+# Mixed precision as Megatron-LM trains: fp16 parameters, gradients and activations (2 bytes);
+# an fp32 master copy and Adam's two fp32 moments are 12 bytes per parameter = 6 fp16 slots.
+MIXED = Options(optimizer_slots=6)
+
+
+def gpt(hidden, heads, layers, batch, length=2048, vocab=51200):
+    """A GPT graph as the tracer reports one (tied embedding, learned positions), fp16.
+
+    A layer saves 34 s b h + 5 a s^2 b bytes without remat (Korthikanti et al. 2022: 10 s b h
+    on `embed` activations and masks, 24 s b h on heads / mlp, 5 a s^2 b on attention scores),
+    its 2 s b h input with remat; FLOPs 24 b s h^2 + 4 b s^2 h per layer forward."""
+    bt, h = batch * length, hidden
+
+    def t(axes, nbytes):
+        return Tensor((), nbytes, axes)
+
+    def p(path, shape, axes):
+        return ParamInfo(path, shape, "float16", axes)
+
+    seq, qkv, mlp = ("batch", "length", "embed"), ("batch", "length", "heads", "kv"), \
+        ("batch", "length", "mlp")
+    scores = ("batch", "heads", "length", "length")
+    block = "blocks/"
+    params = tuple(p(block + name, (layers,) + shape, ("layers",) + axes) for name, shape, axes in (
+        ("query", (h, heads, h // heads), ("embed", "heads", "kv")),
+        ("key", (h, heads, h // heads), ("embed", "heads", "kv")),
+        ("value", (h, heads, h // heads), ("embed", "heads", "kv")),
+        ("out", (heads, h // heads, h), ("heads", "kv", "embed")),
+        ("up", (h, 4 * h), ("embed", "mlp")), ("up_bias", (4 * h,), ("mlp",)),
+        ("down", (4 * h, h), ("mlp", "embed")), ("down_bias", (h,), ("embed",)),
+        ("norm1", (2, h), (None, "embed")), ("norm2", (2, h), (None, "embed"))))
+    matmuls = tuple(Matmul(block + name, c, f, 2 * bt * h * w, 2 * bt * out, 2 * bt * inp)
+                    for name, c, f, w, out, inp in (
+        ("query", ("embed",), ("heads", "kv"), h, h, h),
+        ("key", ("embed",), ("heads", "kv"), h, h, h),
+        ("value", ("embed",), ("heads", "kv"), h, h, h),
+        ("out", ("heads", "kv"), ("embed",), h, h, h),
+        ("up", ("embed",), ("mlp",), 4 * h, 4 * h, h),
+        ("down", ("mlp",), ("embed",), 4 * h, h, 4 * h)))
+    saved = ((t(seq, 2 * bt * h),) * 4 + (t(seq, bt * h),) * 2 + (t(qkv, 2 * bt * h),) * 4
+             + (t(scores, 2 * heads * length * bt), t(scores, heads * length * bt),
+                t(scores, 2 * heads * length * bt)) + (t(mlp, 8 * bt * h),) * 2)
+    blocks = Group("blocks", layers, params, matmuls, 24 * bt * h * h + 4 * bt * length * h,
+                   saved, (t(seq, 2 * bt * h),))
+    logits = Matmul("embed/table", ("embed",), ("vocab",), 2 * bt * h * vocab, 2 * bt * vocab,
+                    2 * bt * h)
+    loss = (t(seq, 2 * bt * h), t(("batch", "length", "vocab"), 4 * bt * vocab),
+            t(("batch", "length"), 4 * bt))
+    embed = Group("embed", 1, (p("embed/table", (vocab, h), ("vocab", "embed")),), (logits,),
+                  logits.flops, loss, loss)
+    positions = Group("positions", 1, (p("positions", (length, h), ("length", "embed")),), (),
+                      0.0, (), ())
+    norm = (t(seq, 2 * bt * h), t(("batch", "length"), 8 * bt))
+    final = Group("final_norm", 1, (p("final_norm/scale", (h,), ("embed",)),
+                                    p("final_norm/bias", (h,), ("embed",))), (), 0.0, norm, norm)
+    return ModelGraph((embed, positions, blocks, final), batch, 2 * bt * 4)
+
+
+def megatron_rows():
+    if not CSV.exists():
+        return []
+    lines = [line for line in CSV.read_text().splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+ROWS = megatron_rows()
+
+
+def paper_step(graph, cluster, row) -> float:
+    """The paper's own (t, p, d = gpus / (t p)) priced by the same model: microbatch 1, full
+    remat, no ZeRO (as Megatron-LM ran in 2021). Table 1 does not say which runs interleaved,
+    so both 1F1B and interleaved 1F1B with v = 2 are priced and the faster counts."""
+    n, t, p = int(row["gpus"]), int(row["t"]), int(row["p"])
+    d = n // (t * p)
+    m = graph.batch_size // d
+    if p == 1:
+        plan = named_plan(f"dp{d}+tp{t}", n, remat=True, microbatches=m).bind(graph.params)
+        predicted = predict(graph, plan, cluster, MIXED)
+        assert predicted.total_bytes <= cluster.memory_bytes
+        return predicted.step_s
+    steps = []
+    for schedule, v in (("1f1b", 1), ("interleaved_1f1b", 2)):
+        if schedule_allows(schedule, p, m, v):
+            steps.append(evaluate_pipeline(graph, cluster, p=p, v=v, m=m, schedule=schedule,
+                                           mesh=f"dp{d}+tp{t}", options=MIXED).step_s)
+    return min(steps)
+
+
+@pytest.mark.skipif(not ROWS, reason=f"{CSV} not found (CI has shared/ beside the repo)")
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r['params_billion']}B" for r in ROWS])
+def test_megatron_rows_planned_fast_and_no_slower_than_the_paper(row):
+    graph = gpt(int(row["hidden"]), int(row["heads"]), int(row["layers"]),
+                int(row["global_batch"]))
+    cluster = a100_80gb(int(row["gpus"]) // 8)
+    start = time.process_time()
+    plan = plan_pipeline(graph, cluster, options=MIXED)
+    elapsed = time.process_time() - start
+    assert elapsed < 10.0, f"planning took {elapsed:.1f} s"
+    pick = plan.step_s if plan.pipelined else plan.flat.predicted.step_s
+    assert pick <= paper_step(graph, cluster, row) * (1 + 1e-9)
+    assert plan.memory_bytes <= cluster.memory_bytes
+    assert plan.num_devices == cluster.num_devices
+    assert sum(j - i for s in plan.stages for i, j in s.chunks) == int(row["layers"])
+
+
+def test_dp_cut_is_optimal_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(30):
+        layers, chunks = rng.randint(2, 9), rng.randint(1, 4)
+        chunks = min(chunks, layers)
+        times = [rng.uniform(0.5, 3.0) for _ in range(layers)]
+        first, last = rng.uniform(0, 2), rng.uniform(0, 2)
+        limit = [rng.randint(1, layers) for _ in range(chunks)]  # most layers chunk c may take
+        idx = np.arange(layers + 1)
+
+        def fits(c, limit=limit, idx=idx):
+            return (idx[None, :] - idx[:, None]) <= limit[c]
+
+        best = math.inf
+        for cuts in itertools.combinations(range(1, layers), chunks - 1):
+            edges = (0,) + cuts + (layers,)
+            ranges = list(zip(edges, edges[1:]))
+            if any(j - i > limit[c] for c, (i, j) in enumerate(ranges)):
+                continue
+            best = min(best, max(sum(times[i:j]) + first * (c == 0) + last * (c == chunks - 1)
+                                 for c, (i, j) in enumerate(ranges)))
+        found = cut_layers(times, chunks, first, last, fits)
+        if math.isinf(best):
+            assert found is None
+            continue
+        ranges, bottleneck = found
+        assert bottleneck == pytest.approx(best, rel=1e-12)
+        assert ranges[0][0] == 0 and ranges[-1][1] == layers
+        assert all(i < j and j - i <= limit[c] for c, (i, j) in enumerate(ranges))
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_in_flight_counts_match_the_schedules(name):
+    for p, m, v in itertools.product((1, 2, 3, 4), (1, 2, 3, 4, 6, 8, 12), (1, 2, 3)):
+        if (v > 1 and name != "interleaved_1f1b") or not schedule_allows(name, p, m, v):
+            continue
+        schedule = make_schedule(name, p, m, v)
+        chunks, split = p * v, schedule.splits_backward
+        ones, zeros = [1.0] * chunks, [0.0] * chunks
+        counted = tuple((live_bytes(ops, ones, zeros, split), live_bytes(ops, zeros, ones, split))
+                        for ops in schedule.ops)
+        assert counted == in_flight(name, p, m, v), (p, m, v)
+        assert tuple(c for c, _ in counted) == simulate(schedule).peak_stash
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_allows_exactly_what_the_generators_accept(name):
+    for p, m, v in itertools.product(range(1, 6), range(1, 11), (1, 2, 3)):
+        if v > 1 and name != "interleaved_1f1b":
+            with pytest.raises(ValueError, match="interleaved_1f1b"):
+                make_schedule(name, p, m, v)
+            continue
+        try:
+            make_schedule(name, p, m, v)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == schedule_allows(name, p, m, v), (p, m, v)
+
+
+@pytest.mark.parametrize("name, v", [("gpipe", 1), ("1f1b", 1), ("zero_bubble_h1", 1),
+                                     ("interleaved_1f1b", 2), ("interleaved_1f1b", 3)])
+def test_pipeline_bound_is_a_lower_bound_tight_for_equal_chunks(name, v):
+    rng = random.Random(1)
+    p, m = 4, 8
+    for _ in range(10):
+        costs = [Cost(f=rng.uniform(0.5, 1.5), b=rng.uniform(0.5, 2.0), w=rng.uniform(0.2, 1.0))
+                 for _ in range(p * v)]
+        p2p = rng.uniform(0.0, 0.2)
+        step = simulate(make_schedule(name, p, m, v), [c.f for c in costs],
+                        [c.b for c in costs], [c.w for c in costs], p2p).step_time
+        assert pipeline_bound(costs, name, p, m, v, p2p) <= step * (1 + 1e-12)
+    equal = [Cost(f=1.0, b=1.0, w=1.0)] * (p * v)
+    step = simulate(make_schedule(name, p, m, v), 1.0, 1.0, 1.0).step_time
+    assert pipeline_bound(equal, name, p, m, v, 0.0) == pytest.approx(step)
+
+
+def test_stage_parts_move_the_tied_head_last_and_keep_every_flop():
+    graph = gpt(1024, 16, 12, batch=8, length=512, vocab=8192)
+    parts = stage_parts(graph)
+    assert [g.name for g in parts.first] == ["embed", "positions"]
+    assert [g.name for g in parts.last] == ["final_norm", "embed"]
+    assert parts.tied == ("embed/table",) and parts.layers == 12
+    assert not parts.first[0].matmuls and not parts.first[0].saved
+    head = parts.last[1]
+    assert [mm.param for mm in head.matmuls] == ["embed/table"] and head.saved
+    total = sum(g.flops_fwd for g in parts.first + parts.last) + 12 * parts.layer.flops_fwd
+    assert total == pytest.approx(graph.flops_fwd)
+    assert all(p.shape[0] == 1 for p in parts.layer.params)
+    half = rescale(parts.layer, 0.5)
+    assert half.flops_fwd == parts.layer.flops_fwd / 2
+    assert half.saved_bytes == parts.layer.saved_bytes / 2
+    assert [mm.in_bytes for mm in half.matmuls] == [mm.in_bytes / 2 for mm in parts.layer.matmuls]
+    assert half.param_bytes == parts.layer.param_bytes
+    traced = dataclasses.replace(parts.layer, saved_remat=(
+        Tensor((8, 512, 1024), 8 * 512 * 1024 * 2, ("batch", "length", "embed")),))
+    assert rescale(traced, 0.25).saved_remat[0].shape == (2, 512, 1024)
+
+
+def test_pricing_once_per_fsdp_x_tensor_equals_pricing_each_stage_mesh():
+    """The planner prices a microbatch on 1 x fsdp x tensor and the per-step terms on the
+    stage mesh; that equals `piece_cost` on the stage mesh itself."""
+    graph = gpt(2048, 16, 8, batch=64, length=1024, vocab=8192)
+    cluster = a100_80gb(num_nodes=4)
+    pricer = _Pricer(graph, cluster, MIXED)
+    for spec, zero, remat, b in (("dp8+tp2", 1, True, 2), ("dp4+fsdp2+tp2", 0, False, 1),
+                                 ("dp8+fsdp2", 1, True, 4)):
+        plan = dataclasses.replace(named_plan(spec, 16), zero=zero, remat=remat)
+        model = pricer.model(2, plan, b)
+        sub = subcluster(cluster, 16)
+        factor = b * plan.data_parallel_size / graph.batch_size
+        layer = pricer.parts.layer
+        direct = piece_cost(rescale(layer, factor), plan, sub, MIXED, sync_time(layer, plan, sub))
+        for field in dataclasses.fields(Cost):
+            assert getattr(model.layer, field.name) == pytest.approx(
+                getattr(direct, field.name), rel=1e-9), (spec, field.name)
+
+
+def test_evaluate_pipeline_errors_name_the_numbers():
+    graph = gpt(1024, 16, 8, batch=32, length=512, vocab=8192)
+    cluster = a100_80gb(num_nodes=2)
+    with pytest.raises(ValueError, match=r"8 layers cannot be cut into p \* v = 4 \* 4 = 16 "
+                                         r"chunks.*p \* v <= 8"):
+        evaluate_pipeline(graph, cluster, p=4, v=4, m=8, schedule="interleaved_1f1b",
+                          mesh="dp4")
+    with pytest.raises(ValueError, match=r"multiple of the pipeline degree.*m=6, p=4: use m=4 "
+                                         r"or m=8"):
+        evaluate_pipeline(graph, cluster, p=4, v=2, m=6, schedule="interleaved_1f1b",
+                          mesh="dp4")
+    with pytest.raises(ValueError, match=r"ZB-H1 needs .* m=2, p=4: use m >= 4"):
+        evaluate_pipeline(graph, cluster, p=4, m=2, schedule="zero_bubble_h1", mesh="dp4")
+    with pytest.raises(ValueError, match=r"p=3 stages do not divide 16 devices"):
+        evaluate_pipeline(graph, cluster, p=3, m=8, mesh="dp4")
+    with pytest.raises(PlanError, match=r"m=5 microbatches; choose m dividing 8"):
+        evaluate_pipeline(graph, cluster, p=4, m=5, mesh="dp4")
+    with pytest.raises(PlanError, match=r"no cut of 8 layers into 4 chunks fits 0\.50 GiB per "
+                                        r"device .* rank 0 with 2-layer chunks and 4 microbatch "
+                                        r"chunks stashed needs \d+\.\d+ GiB .*; try remat"):
+        evaluate_pipeline(graph, cluster, p=4, m=8, mesh="dp4", remat=False,
+                          memory_budget=0.5 * GiB)
+
+
+def test_a_tight_budget_is_respected_by_the_cut_and_the_search():
+    graph = gpt(2048, 16, 16, batch=32, length=2048, vocab=8192)
+    cluster = a100_80gb(num_nodes=2)
+    roomy = evaluate_pipeline(graph, cluster, p=4, m=8, mesh="dp4", remat=False,
+                              options=MIXED)
+    budget = 0.8 * roomy.memory_bytes
+    tight = plan_pipeline(graph, cluster, budget, MIXED)
+    assert all(s.total_bytes <= budget for s in tight.stages)
+    assert tight.step_s >= plan_pipeline(graph, cluster, options=MIXED).step_s
+    with pytest.raises(PlanError, match=r"no cut of 16 layers into 16 chunks fits 0\.05 GiB "
+                                        r".* needs \d+\.\d+ GiB .*; try more devices"):
+        plan_pipeline(graph, cluster, 0.05 * GiB, MIXED)
+
+
+def test_layer_caps_solve_the_memory_formula():
+    """`_max_layers` (the estimate's closed form) agrees with `_proxy_memory` (the DP's)."""
+    graph = gpt(2048, 16, 24, batch=64, length=2048, vocab=8192)
+    pricer = _Pricer(graph, a100_80gb(num_nodes=2), MIXED)
+    for spec, remat, v, stashed, held in (("dp4", True, 1, 4, 0), ("dp2+tp2", False, 2, 7, 0),
+                                          ("dp2+fsdp2", True, 1, 4, 3)):
+        plan = dataclasses.replace(named_plan(spec, 4), remat=remat)
+        model = pricer.model(4, plan, 2)
+        for extras in (Cost(), model.first, model.last):
+            def memory(k, extras=extras, v=v, stashed=stashed, held=held, model=model):
+                return sum(_proxy_memory(model.layer * k, extras, v, stashed, held,
+                                         model).values())
+
+            budget = memory(5) * 1.001
+            assert _max_layers(model, extras, v, stashed, held, budget) == 5
+            assert memory(6) > budget
+
+
+def test_plan_round_trips_through_json_and_explains_the_choice():
+    graph = gpt(1024, 16, 12, batch=32, length=1024, vocab=8192)
+    plan = plan_pipeline(graph, a100_80gb(num_nodes=1), options=MIXED)
+    again = PipelinePlan.from_json(plan.to_json())
+    assert again.explain() == plan.explain() and again.stages == plan.stages
+    assert again.stage_plan == plan.stage_plan and again.flat.name == plan.flat.name
+    text = plan.explain()
+    assert plan.name in text and "runner-up" in text
+    verdict = "Pipelining chosen" if plan.pipelined else "Pipelining not chosen"
+    assert verdict in text and plan.alternatives[0].name.startswith("no pipeline")
+    assert all(a.step_s >= plan.step_s for a in plan.alternatives[1:] if a.step_s == a.step_s)
+
+
+def test_step_flops_count_recomputation_of_the_stack_only():
+    graph = gpt(1024, 16, 12, batch=8, length=512, vocab=8192)
+    model, hardware = step_flops(graph, remat=True)
+    blocks = next(g for g in graph.groups if g.name == "blocks")
+    assert model == 3 * graph.flops_fwd
+    assert hardware - model == pytest.approx(12 * blocks.flops_fwd)
+    assert step_flops(graph, remat=False) == (model, model)
