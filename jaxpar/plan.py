@@ -33,8 +33,10 @@ DEFAULT_RULES: Rules = (
     ("embed", ("fsdp",)),
 )
 
-PLAN_AXES = {"dp": "data", "fsdp": "fsdp", "tp": "tensor"}
-MESH_AXIS_ORDER = ("data", "fsdp", "tensor")
+PLAN_AXES = {"pp": "stage", "dp": "data", "fsdp": "fsdp", "tp": "tensor"}
+MESH_AXIS_ORDER = ("data", "fsdp", "tensor")  # `stage` goes first when the plan pipelines
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble_h1")
+FORMS = ("mpmd", "spmd")
 
 
 class PlanError(ValueError):
@@ -89,6 +91,57 @@ class Alternative:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How a plan pipelines its layer stack over the `stage` mesh axis (p = its size).
+
+    The stack is cut into p * `virtual` chunks, `cut` layers each (empty: equal chunks);
+    chunk c runs on stage c mod p, whose devices are the mesh's slice at `stage` = c mod p
+    (its submesh). The plan's `microbatches` are the pipeline's microbatches; `schedule` says
+    in which order each stage runs them. `form` "mpmd" runs one jitted program per chunk
+    and pass, each on its submesh, driven from Python; "spmd" one program over the whole
+    mesh that steps through the schedule tick by tick. `bubble` is the planner's
+    predicted idle fraction (None for a plan given by hand).
+    """
+
+    schedule: str = "1f1b"
+    virtual: int = 1
+    form: str = "mpmd"
+    cut: tuple[int, ...] = ()
+    bubble: float | None = None
+
+    def check(self, stages: int) -> None:
+        """Raise PlanError unless the schedule, form and cut make sense for p `stages`."""
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"unknown pipeline schedule {self.schedule!r}; use one of "
+                            f"{', '.join(SCHEDULES)}")
+        if self.form not in FORMS:
+            raise PlanError(f"unknown pipeline form {self.form!r}; use one of {', '.join(FORMS)}")
+        if self.virtual < 1 or (self.virtual > 1) != (self.schedule == "interleaved_1f1b"):
+            raise PlanError(f"virtual={self.virtual} with schedule {self.schedule!r}: "
+                            "interleaved_1f1b needs virtual >= 2, the other schedules 1")
+        if self.cut and len(self.cut) != stages * self.virtual:
+            raise PlanError(f"the cut has {len(self.cut)} chunks but the pipeline has "
+                            f"{stages} stages x {self.virtual} virtual = "
+                            f"{stages * self.virtual}; give one layer count per chunk")
+        if self.cut and min(self.cut) < 1:
+            raise PlanError(f"cut {self.cut}: every chunk needs at least one layer")
+
+    def chunk_layers(self, stages: int, layers: int) -> tuple[int, ...]:
+        """Layers per chunk for a stack of `layers`; equal chunks unless `cut` says."""
+        chunks = stages * self.virtual
+        if self.cut:
+            if sum(self.cut) != layers:
+                raise PlanError(f"the cut {self.cut} covers {sum(self.cut)} layers but the "
+                                f"model's stack has {layers}")
+            return self.cut
+        if layers % chunks:
+            raise PlanError(f"{layers} layers do not divide into {stages} stages x "
+                            f"{self.virtual} virtual = {chunks} equal chunks; use a chunk "
+                            f"count dividing {layers} or give an explicit cut")
+        return (layers // chunks,) * chunks
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Mesh, logical-axis rules, ZeRO level, remat and microbatches of one training step.
 
@@ -108,6 +161,7 @@ class Plan:
     params: tuple[ParamInfo, ...] = ()
     predicted: Predicted | None = None
     alternatives: tuple[Alternative, ...] = ()
+    pipeline: Pipeline | None = None
 
     # ----------------------------------------------------------------- mesh
     @property
@@ -117,6 +171,11 @@ class Plan:
     @property
     def num_devices(self) -> int:
         return math.prod(size for _, size in self.mesh)
+
+    @property
+    def stages(self) -> int:
+        """Pipeline degree p: the size of the `stage` mesh axis (1 without one)."""
+        return self.mesh_shape.get("stage", 1)
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
@@ -193,6 +252,18 @@ class Plan:
                 f"{num_devices} are available; choose mesh sizes whose product is {num_devices}"
             )
 
+    def check_pipeline(self) -> None:
+        """A `stage` axis and a `pipeline` come together; the pipeline must be valid."""
+        if self.pipeline is None:
+            if self.stages > 1:
+                raise PlanError(f"the mesh has stage={self.stages} but the plan has no pipeline;"
+                                " set pipeline=Pipeline(...) or drop the stage axis")
+            return
+        if self.mesh[0][0] != "stage":
+            raise PlanError(f"a pipelined plan needs `stage` as its first mesh axis; got mesh "
+                            f"{self._mesh_str()}")
+        self.pipeline.check(self.stages)
+
     def check_param(self, info: ParamInfo) -> None:
         for dim, axes, name in zip(info.shape, self.param_layout(info), info.logical_axes):
             size = self._size(axes)
@@ -238,6 +309,8 @@ class Plan:
         if d["predicted"] is not None:
             d["predicted"] = Predicted(**d["predicted"])
         d["alternatives"] = tuple(Alternative(**a) for a in d.get("alternatives", ()))
+        if d.get("pipeline") is not None:
+            d["pipeline"] = Pipeline(**{**d["pipeline"], "cut": tuple(d["pipeline"]["cut"])})
         return cls(**d)
 
     # ------------------------------------------------------------- printing
@@ -250,6 +323,13 @@ class Plan:
             f"({self.num_devices} devices), zero={self.zero}, remat={self.remat}, "
             f"microbatches={self.microbatches}"
         ]
+        if self.pipeline is not None:
+            pp = self.pipeline
+            bubble = "" if pp.bubble is None else f", predicted bubble {pp.bubble:.1%}"
+            cut = f", layers per chunk {list(pp.cut)}" if pp.cut else ""
+            lines.append(f"  pipeline: {self.stages} stages ({self.num_devices // self.stages}"
+                         f" devices each), schedule {pp.schedule}, virtual {pp.virtual}, "
+                         f"form {pp.form}{cut}{bubble}")
         if self.params:
             rows = [("parameter", "shape", "logical axes", "mesh axes", "per-device")]
             for p in self.params:
@@ -307,16 +387,17 @@ def _rules(raw) -> Rules:
 def named_plan(spec: str, num_devices: int, **options) -> Plan:
     """A hand-picked plan from a spec such as "dp", "fsdp8", "dp2+tp4" or "dp2+fsdp2+tp2".
 
-    Components are dp (data), fsdp (fsdp) and tp (tensor), each with an optional size; one
-    component may omit its size and takes the devices the others leave. `options` are
-    Plan fields (zero, remat, microbatches, rules).
+    Components are pp (stage), dp (data), fsdp (fsdp) and tp (tensor), each with an
+    optional size; one component may omit its size and takes the devices the others leave.
+    `options` are Plan fields (zero, remat, microbatches, rules, pipeline); a plan with pp
+    gets `Pipeline()` (1F1B, MPMD) unless `pipeline` is given.
     """
     sizes: dict[str, int | None] = {}
     for part in spec.split("+"):
-        m = re.fullmatch(r"(dp|fsdp|tp)(\d*)", part.strip())
+        m = re.fullmatch(r"(pp|dp|fsdp|tp)(\d*)", part.strip())
         if m is None or PLAN_AXES[m.group(1)] in sizes:
             raise PlanError(
-                f"unknown plan {spec!r}: write components dp, fsdp, tp joined by '+', each "
+                f"unknown plan {spec!r}: write components pp, dp, fsdp, tp joined by '+', each "
                 f"at most once with an optional size, e.g. 'dp2+tp4'"
             )
         sizes[PLAN_AXES[m.group(1)]] = int(m.group(2)) if m.group(2) else None
@@ -332,6 +413,10 @@ def named_plan(spec: str, num_devices: int, **options) -> Plan:
             )
         sizes[open_axes[0]] = num_devices // fixed
     mesh = tuple((axis, sizes.get(axis) or 1) for axis in MESH_AXIS_ORDER)
+    if "stage" in sizes:
+        mesh = (("stage", sizes["stage"]),) + mesh
+        options.setdefault("pipeline", Pipeline())
     plan = Plan(mesh=mesh, name=spec, **options)
     plan.check_devices(num_devices)
+    plan.check_pipeline()
     return plan

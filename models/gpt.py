@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpar.context import constrain, layer
+from jaxpar.context import constrain
 from jaxpar.models.presets import GPTConfig, preset
+from jaxpar.stages import Stages, run_stack
 
 
 def _init(std: float, axes: tuple[str, ...]):
@@ -122,26 +123,44 @@ class GPT(nnx.Module):
                 kernel_init=_init(0.02, ("embed", "vocab")), rngs=rngs,
             )
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Token (and learned position) embeddings of (batch, length) tokens."""
         x = self.embed(tokens)
         if self.cfg.positions == "learned":
             x = x + self.positions[: tokens.shape[1]]
-        x = constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("batch", "length", "embed"))
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def apply_blocks(block: Block, x: jax.Array) -> jax.Array:
-            return layer(lambda block, x: block(x))(block, x)
-
-        x = self.final_norm(apply_blocks(self.blocks, x))
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Output logits of the last block's activations."""
+        x = self.final_norm(x)
         logits = self.embed.attend(x) if self.cfg.tied else self.unembed(x)
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = run_stack(self.blocks, self.embed_tokens(tokens), _apply_block)
+        return self.logits(x)
+
+
+def _apply_block(block: Block, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+def _token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def lm_loss(model: GPT, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross entropy; batch holds `inputs` and `targets`, (batch, length)."""
-    logits = model(batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    return _token_loss(model(batch["inputs"]), batch["targets"])
+
+
+# The same loss split around the block stack, for pipelined plans.
+lm_stages = Stages(
+    stack="blocks",
+    pre=lambda model, batch: model.embed_tokens(batch["inputs"]),
+    layer=_apply_block,
+    post=lambda model, x, batch: _token_loss(model.logits(x), batch["targets"]),
+)
 
 
 def build(cfg: GPTConfig | str, **overrides) -> Callable[[nnx.Rngs], GPT]:
