@@ -22,6 +22,8 @@ _EXPORTS = {
     "TrainState": "jaxpar.emit",
     "constrain": "jaxpar.context",
     "layer": "jaxpar.context",
+    "Pipeline": "jaxpar.plan",
+    "Stages": "jaxpar.stages",
 }
 
 __all__ = sorted(_EXPORTS)

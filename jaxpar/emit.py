@@ -145,14 +145,20 @@ def parallelize(
     plan: Plan,
     batch: Any,
     devices: Sequence[jax.Device] | None = None,
-) -> Parallelized:
+) -> Parallelized | Any:
     """Lay out and jit a training step of `model_fn(rngs)` under `plan`.
 
     `batch` is an example batch (arrays or ShapeDtypeStructs, batch dimension first);
-    every check on the plan runs here, before anything compiles.
+    every check on the plan runs here, before anything compiles. A plan with a `pipeline`
+    needs `loss_fn` to be a `jaxpar.Stages` and returns a `jaxpar.pipelined.Pipelined`.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if plan.pipeline is not None:
+        from jaxpar.pipelined import parallelize_pipeline
+
+        return parallelize_pipeline(model_fn, optimizer, loss_fn, plan, batch, devices)
     plan.check_devices(len(devices))
+    plan.check_pipeline()
     if plan.microbatches < 1 or plan.zero not in (0, 1):
         raise PlanError(f"microbatches must be >= 1 (got {plan.microbatches}) and zero 0 or 1 "
                         f"(got {plan.zero})")
