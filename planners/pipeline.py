@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxpar.plan import Alternative, Plan, PlanError, named_plan
+from jaxpar.plan import SCHEDULES, Alternative, Pipeline, Plan, PlanError, Predicted, named_plan
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options, Terms, activation_bytes, group_terms
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
@@ -53,7 +53,6 @@ from jaxpar.planners.search import describe, divisors, plan_sharding
 from jaxpar.planners.simulator import simulate
 
 GiB = 2**30
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble_h1")
 
 
 # ------------------------------------------------------------------ the graph, cut for stages
@@ -430,6 +429,23 @@ class PipelinePlan:
                 lines.append(f"  {a.name.ljust(width)}  {a.step_s:9.4g}  "
                              f"{a.memory_bytes / GiB:6.2f}  {a.reason}")
         return "\n".join(lines)
+
+    def to_plan(self, form: str = "mpmd") -> Plan:
+        """The Plan the emitter runs: a `stage` axis of p before the stage mesh, the cut as
+        layers per chunk, the schedule and predicted bubble; predicted memory is the
+        largest rank's, its compute the simulated pipeline (bubble and p2p included) and its
+        communication the gradient sync after the flush; the runners-up (the best plan
+        without a pipeline first) carry over, so `explain()` says why pipelining was chosen."""
+        stage = self.stage_plan
+        chunks = sorted(c for s in self.stages for c in s.chunks)
+        worst = max(self.stages, key=lambda s: s.total_bytes)
+        predicted = Predicted(worst.memory_bytes, self.pipeline_s, self.sync_s, {},
+                              self.source, None)
+        return dataclasses.replace(
+            stage, mesh=(("stage", self.p),) + stage.mesh, microbatches=self.m,
+            name=self.name, predicted=predicted, alternatives=self.alternatives,
+            pipeline=Pipeline(self.schedule, self.v, form, tuple(j - i for i, j in chunks),
+                              self.bubble_fraction))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(dataclasses.asdict(self), indent=indent)

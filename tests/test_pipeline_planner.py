@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpar.plan import ParamInfo, PlanError, named_plan
+from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
@@ -42,7 +42,7 @@ from jaxpar.planners.pipeline import (
 from jaxpar.planners.simulator import simulate
 
 GiB = 2**30
-CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "megatron_gpt_configs.csv"
+CSV = Path(__file__).resolve().parents[1] / "data" / "megatron_gpt_configs.csv"
 # Mixed precision as Megatron-LM trains: fp16 parameters, gradients and activations (2 bytes);
 # an fp32 master copy and Adam's two fp32 moments are 12 bytes per parameter = 6 fp16 slots.
 MIXED = Options(optimizer_slots=6)
@@ -102,8 +102,6 @@ def gpt(hidden, heads, layers, batch, length=2048, vocab=51200):
 
 
 def megatron_rows():
-    if not CSV.exists():
-        return []
     lines = [line for line in CSV.read_text().splitlines() if not line.startswith("#")]
     return list(csv.DictReader(lines))
 
@@ -131,7 +129,6 @@ def paper_step(graph, cluster, row) -> float:
     return min(steps)
 
 
-@pytest.mark.skipif(not ROWS, reason=f"{CSV} not found (CI has shared/ beside the repo)")
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r['params_billion']}B" for r in ROWS])
 def test_megatron_rows_planned_fast_and_no_slower_than_the_paper(row):
     graph = gpt(int(row["hidden"]), int(row["heads"]), int(row["layers"]),
@@ -334,6 +331,20 @@ def test_plan_round_trips_through_json_and_explains_the_choice():
     verdict = "Pipelining chosen" if plan.pipelined else "Pipelining not chosen"
     assert verdict in text and plan.alternatives[0].name.startswith("no pipeline")
     assert all(a.step_s >= plan.step_s for a in plan.alternatives[1:] if a.step_s == a.step_s)
+
+
+def test_the_pipeline_becomes_a_plan_with_stages_cut_and_schedule():
+    graph = gpt(1024, 16, 12, batch=32, length=1024, vocab=8192)
+    pp = plan_pipeline(graph, a100_80gb(num_nodes=2), options=MIXED, schedules=("1f1b",))
+    plan = pp.to_plan()
+    assert plan.stages == pp.p and plan.num_devices == pp.num_devices == 16
+    assert plan.microbatches == pp.m and plan.pipeline.schedule == "1f1b"
+    assert sum(plan.pipeline.cut) == 12 and len(plan.pipeline.cut) == pp.p * pp.v
+    assert plan.pipeline.bubble == pp.bubble_fraction
+    assert plan.predicted.step_s == pytest.approx(pp.step_s)
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()  # NaN != NaN
+    plan.check_pipeline()
+    assert "pipeline: " in str(plan) and "no pipeline" in plan.explain()
 
 
 def test_step_flops_count_recomputation_of_the_stack_only():
