@@ -2,7 +2,6 @@
 configurations under the same cost model, an exact DP cut, and clear errors. Pure planning:
 no jax, no devices."""
 
-import csv
 import dataclasses
 import itertools
 import math
@@ -13,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
+from jaxpar.plan import Plan, PlanError, named_plan
 from jaxpar.planners.cluster import a100_80gb
-from jaxpar.planners.cost import Options, predict
-from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
+from jaxpar.planners.graph import Tensor
+from jaxpar.planners.megatron import MIXED, gpt_graph, megatron_table, paper_step, row_graph
 from jaxpar.planners.pipeline import (
     SCHEDULES,
     Cost,
@@ -43,97 +42,13 @@ from jaxpar.planners.simulator import simulate
 
 GiB = 2**30
 CSV = Path(__file__).resolve().parents[1] / "data" / "megatron_gpt_configs.csv"
-# Mixed precision as Megatron-LM trains: fp16 parameters, gradients and activations (2 bytes);
-# an fp32 master copy and Adam's two fp32 moments are 12 bytes per parameter = 6 fp16 slots.
-MIXED = Options(optimizer_slots=6)
-
-
-def gpt(hidden, heads, layers, batch, length=2048, vocab=51200):
-    """A GPT graph as the tracer reports one (tied embedding, learned positions), fp16.
-
-    A layer saves 34 s b h + 5 a s^2 b bytes without remat (Korthikanti et al. 2022: 10 s b h
-    on `embed` activations and masks, 24 s b h on heads / mlp, 5 a s^2 b on attention scores),
-    its 2 s b h input with remat; FLOPs 24 b s h^2 + 4 b s^2 h per layer forward."""
-    bt, h = batch * length, hidden
-
-    def t(axes, nbytes):
-        return Tensor((), nbytes, axes)
-
-    def p(path, shape, axes):
-        return ParamInfo(path, shape, "float16", axes)
-
-    seq, qkv, mlp = ("batch", "length", "embed"), ("batch", "length", "heads", "kv"), \
-        ("batch", "length", "mlp")
-    scores = ("batch", "heads", "length", "length")
-    block = "blocks/"
-    params = tuple(p(block + name, (layers,) + shape, ("layers",) + axes) for name, shape, axes in (
-        ("query", (h, heads, h // heads), ("embed", "heads", "kv")),
-        ("key", (h, heads, h // heads), ("embed", "heads", "kv")),
-        ("value", (h, heads, h // heads), ("embed", "heads", "kv")),
-        ("out", (heads, h // heads, h), ("heads", "kv", "embed")),
-        ("up", (h, 4 * h), ("embed", "mlp")), ("up_bias", (4 * h,), ("mlp",)),
-        ("down", (4 * h, h), ("mlp", "embed")), ("down_bias", (h,), ("embed",)),
-        ("norm1", (2, h), (None, "embed")), ("norm2", (2, h), (None, "embed"))))
-    matmuls = tuple(Matmul(block + name, c, f, 2 * bt * h * w, 2 * bt * out, 2 * bt * inp)
-                    for name, c, f, w, out, inp in (
-        ("query", ("embed",), ("heads", "kv"), h, h, h),
-        ("key", ("embed",), ("heads", "kv"), h, h, h),
-        ("value", ("embed",), ("heads", "kv"), h, h, h),
-        ("out", ("heads", "kv"), ("embed",), h, h, h),
-        ("up", ("embed",), ("mlp",), 4 * h, 4 * h, h),
-        ("down", ("mlp",), ("embed",), 4 * h, h, 4 * h)))
-    saved = ((t(seq, 2 * bt * h),) * 4 + (t(seq, bt * h),) * 2 + (t(qkv, 2 * bt * h),) * 4
-             + (t(scores, 2 * heads * length * bt), t(scores, heads * length * bt),
-                t(scores, 2 * heads * length * bt)) + (t(mlp, 8 * bt * h),) * 2)
-    blocks = Group("blocks", layers, params, matmuls, 24 * bt * h * h + 4 * bt * length * h,
-                   saved, (t(seq, 2 * bt * h),))
-    logits = Matmul("embed/table", ("embed",), ("vocab",), 2 * bt * h * vocab, 2 * bt * vocab,
-                    2 * bt * h)
-    loss = (t(seq, 2 * bt * h), t(("batch", "length", "vocab"), 4 * bt * vocab),
-            t(("batch", "length"), 4 * bt))
-    embed = Group("embed", 1, (p("embed/table", (vocab, h), ("vocab", "embed")),), (logits,),
-                  logits.flops, loss, loss)
-    positions = Group("positions", 1, (p("positions", (length, h), ("length", "embed")),), (),
-                      0.0, (), ())
-    norm = (t(seq, 2 * bt * h), t(("batch", "length"), 8 * bt))
-    final = Group("final_norm", 1, (p("final_norm/scale", (h,), ("embed",)),
-                                    p("final_norm/bias", (h,), ("embed",))), (), 0.0, norm, norm)
-    return ModelGraph((embed, positions, blocks, final), batch, 2 * bt * 4)
-
-
-def megatron_rows():
-    lines = [line for line in CSV.read_text().splitlines() if not line.startswith("#")]
-    return list(csv.DictReader(lines))
-
-
-ROWS = megatron_rows()
-
-
-def paper_step(graph, cluster, row) -> float:
-    """The paper's own (t, p, d = gpus / (t p)) priced by the same model: microbatch 1, full
-    remat, no ZeRO (as Megatron-LM ran in 2021). Table 1 does not say which runs interleaved,
-    so both 1F1B and interleaved 1F1B with v = 2 are priced and the faster counts."""
-    n, t, p = int(row["gpus"]), int(row["t"]), int(row["p"])
-    d = n // (t * p)
-    m = graph.batch_size // d
-    if p == 1:
-        plan = named_plan(f"dp{d}+tp{t}", n, remat=True, microbatches=m).bind(graph.params)
-        predicted = predict(graph, plan, cluster, MIXED)
-        assert predicted.total_bytes <= cluster.memory_bytes
-        return predicted.step_s
-    steps = []
-    for schedule, v in (("1f1b", 1), ("interleaved_1f1b", 2)):
-        if schedule_allows(schedule, p, m, v):
-            steps.append(evaluate_pipeline(graph, cluster, p=p, v=v, m=m, schedule=schedule,
-                                           mesh=f"dp{d}+tp{t}", options=MIXED).step_s)
-    return min(steps)
+ROWS = megatron_table(CSV)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r['params_billion']}B" for r in ROWS])
 def test_megatron_rows_planned_fast_and_no_slower_than_the_paper(row):
-    graph = gpt(int(row["hidden"]), int(row["heads"]), int(row["layers"]),
-                int(row["global_batch"]))
-    cluster = a100_80gb(int(row["gpus"]) // 8)
+    graph = row_graph(row)
+    cluster = a100_80gb(row["gpus"] // 8)
     start = time.process_time()
     plan = plan_pipeline(graph, cluster, options=MIXED)
     elapsed = time.process_time() - start
@@ -142,7 +57,7 @@ def test_megatron_rows_planned_fast_and_no_slower_than_the_paper(row):
     assert pick <= paper_step(graph, cluster, row) * (1 + 1e-9)
     assert plan.memory_bytes <= cluster.memory_bytes
     assert plan.num_devices == cluster.num_devices
-    assert sum(j - i for s in plan.stages for i, j in s.chunks) == int(row["layers"])
+    assert sum(j - i for s in plan.stages for i, j in s.chunks) == row["layers"]
 
 
 def test_dp_cut_is_optimal_against_brute_force():
@@ -224,7 +139,7 @@ def test_pipeline_bound_is_a_lower_bound_tight_for_equal_chunks(name, v):
 
 
 def test_stage_parts_move_the_tied_head_last_and_keep_every_flop():
-    graph = gpt(1024, 16, 12, batch=8, length=512, vocab=8192)
+    graph = gpt_graph(1024, 16, 12, batch=8, length=512, vocab=8192)
     parts = stage_parts(graph)
     assert [g.name for g in parts.first] == ["embed", "positions"]
     assert [g.name for g in parts.last] == ["final_norm", "embed"]
@@ -248,7 +163,7 @@ def test_stage_parts_move_the_tied_head_last_and_keep_every_flop():
 def test_pricing_once_per_fsdp_x_tensor_equals_pricing_each_stage_mesh():
     """The planner prices a microbatch on 1 x fsdp x tensor and the per-step terms on the
     stage mesh; that equals `piece_cost` on the stage mesh itself."""
-    graph = gpt(2048, 16, 8, batch=64, length=1024, vocab=8192)
+    graph = gpt_graph(2048, 16, 8, batch=64, length=1024, vocab=8192)
     cluster = a100_80gb(num_nodes=4)
     pricer = _Pricer(graph, cluster, MIXED)
     for spec, zero, remat, b in (("dp8+tp2", 1, True, 2), ("dp4+fsdp2+tp2", 0, False, 1),
@@ -265,7 +180,7 @@ def test_pricing_once_per_fsdp_x_tensor_equals_pricing_each_stage_mesh():
 
 
 def test_evaluate_pipeline_errors_name_the_numbers():
-    graph = gpt(1024, 16, 8, batch=32, length=512, vocab=8192)
+    graph = gpt_graph(1024, 16, 8, batch=32, length=512, vocab=8192)
     cluster = a100_80gb(num_nodes=2)
     with pytest.raises(ValueError, match=r"8 layers cannot be cut into p \* v = 4 \* 4 = 16 "
                                          r"chunks.*p \* v <= 8"):
@@ -289,7 +204,7 @@ def test_evaluate_pipeline_errors_name_the_numbers():
 
 
 def test_a_tight_budget_is_respected_by_the_cut_and_the_search():
-    graph = gpt(2048, 16, 16, batch=32, length=2048, vocab=8192)
+    graph = gpt_graph(2048, 16, 16, batch=32, length=2048, vocab=8192)
     cluster = a100_80gb(num_nodes=2)
     roomy = evaluate_pipeline(graph, cluster, p=4, m=8, mesh="dp4", remat=False,
                               options=MIXED)
@@ -304,7 +219,7 @@ def test_a_tight_budget_is_respected_by_the_cut_and_the_search():
 
 def test_layer_caps_solve_the_memory_formula():
     """`_max_layers` (the estimate's closed form) agrees with `_proxy_memory` (the DP's)."""
-    graph = gpt(2048, 16, 24, batch=64, length=2048, vocab=8192)
+    graph = gpt_graph(2048, 16, 24, batch=64, length=2048, vocab=8192)
     pricer = _Pricer(graph, a100_80gb(num_nodes=2), MIXED)
     for spec, remat, v, stashed, held in (("dp4", True, 1, 4, 0), ("dp2+tp2", False, 2, 7, 0),
                                           ("dp2+fsdp2", True, 1, 4, 3)):
@@ -321,7 +236,7 @@ def test_layer_caps_solve_the_memory_formula():
 
 
 def test_plan_round_trips_through_json_and_explains_the_choice():
-    graph = gpt(1024, 16, 12, batch=32, length=1024, vocab=8192)
+    graph = gpt_graph(1024, 16, 12, batch=32, length=1024, vocab=8192)
     plan = plan_pipeline(graph, a100_80gb(num_nodes=1), options=MIXED)
     again = PipelinePlan.from_json(plan.to_json())
     assert again.explain() == plan.explain() and again.stages == plan.stages
@@ -334,7 +249,7 @@ def test_plan_round_trips_through_json_and_explains_the_choice():
 
 
 def test_the_pipeline_becomes_a_plan_with_stages_cut_and_schedule():
-    graph = gpt(1024, 16, 12, batch=32, length=1024, vocab=8192)
+    graph = gpt_graph(1024, 16, 12, batch=32, length=1024, vocab=8192)
     pp = plan_pipeline(graph, a100_80gb(num_nodes=2), options=MIXED, schedules=("1f1b",))
     plan = pp.to_plan()
     assert plan.stages == pp.p and plan.num_devices == pp.num_devices == 16
@@ -348,7 +263,7 @@ def test_the_pipeline_becomes_a_plan_with_stages_cut_and_schedule():
 
 
 def test_step_flops_count_recomputation_of_the_stack_only():
-    graph = gpt(1024, 16, 12, batch=8, length=512, vocab=8192)
+    graph = gpt_graph(1024, 16, 12, batch=8, length=512, vocab=8192)
     model, hardware = step_flops(graph, remat=True)
     blocks = next(g for g in graph.groups if g.name == "blocks")
     assert model == 3 * graph.flops_fwd
