@@ -1,8 +1,9 @@
 """Measure the local devices and describe them as a `Cluster` with calibrated figures.
 
 Datasheets say nothing about the CPU mesh and flatter real hardware, so `calibrate()` times
-matmuls and collectives on the devices it runs on, fits the alpha-beta collective model the
-planners use, and caches the result (with the raw timings, for fit-quality reports) as JSON.
+matmuls, memory streaming and collectives on the devices it runs on, fits the alpha-beta
+collective model the planners use (per collective kind), and caches the result (with the raw
+timings, for fit-quality reports) as JSON.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from jaxpar.planners.cluster import Cluster
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 MESSAGE_BYTES = tuple(4096 * 8**i for i in range(5))  # 4 KiB ... 16 MiB per device
 MATMUL_SIZES = (256, 512, 1024)
+STREAM_BYTES = 64 * 2**20  # per device: far beyond any cache, as a model's parameters are
+_STREAM_PASSES = 4  # read-modify-write passes over the buffer in one program
 _REPEATS = 5  # timed calls per measurement, after one warm-up call
 _LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
+_CACHE_FORMAT = 2  # bump when the cached record changes: older caches are measured again
 
 
 def ring_factor(kind: str, group: int) -> float:
@@ -59,10 +63,12 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
     `peak_flops` is the per-device fp32 matmul rate while *all* devices run a matmul at once
     (total rate / device count): the planner's steps keep every device busy, and simulated
     CPU devices share the host's cores, so the single-device rate (also recorded) would
-    overstate them n-fold. Collective latency and bandwidth are one alpha-beta fit over all
-    four collectives, every group size dividing the device count and 4 KiB-16 MiB messages;
-    per-kind fits are in `load_measurements()["fits"]`. Intra- and inter-node links get the
-    same figures (one machine). Memory is the device's `bytes_limit`, else host RAM / devices.
+    overstate them n-fold. `memory_bandwidth` is likewise per device with all devices
+    streaming a 64 MiB buffer each (an elementwise update, read and written). Collectives
+    are timed for every group size dividing the device count and 4 KiB-16 MiB messages and
+    fitted to latency + bytes/bandwidth: per kind into `intra_node_collectives`, and over all
+    kinds into the intra- and inter-node link figures (one machine: the same). Memory is the
+    device's `bytes_limit`, else host RAM / devices.
     """
     devices = list(jax.local_devices() if devices is None else devices)
     path = _cache_path(devices, cache_dir)
@@ -80,6 +86,8 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
         memory_bytes=stats.get("bytes_limit") or _host_memory_bytes() / len(devices),
         intra_node_bandwidth=link["bandwidth"], intra_node_latency=link["latency"],
         inter_node_bandwidth=link["bandwidth"], inter_node_latency=link["latency"],
+        memory_bandwidth=record["memory"]["all_devices"],
+        intra_node_collectives={kind.replace("_", "-"): record["fits"][kind] for kind in KINDS},
         source="calibrated")
     record["cluster"] = dataclasses.asdict(cluster)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,17 +108,19 @@ def load_measurements(devices: Sequence[jax.Device] | None = None,
 def _cache_path(devices: Sequence[jax.Device], cache_dir: str | Path | None) -> Path:
     root = cache_dir or os.environ.get("JAXPAR_CACHE") or "~/.cache/jaxpar"
     kind = "".join(c if c.isalnum() else "_" for c in devices[0].device_kind)
-    name = f"calibration-{devices[0].platform}-{kind}-{len(devices)}-jax{jax.__version__}.json"
+    name = (f"calibration-v{_CACHE_FORMAT}-{devices[0].platform}-{kind}-{len(devices)}"
+            f"-jax{jax.__version__}.json")
     return Path(root).expanduser() / name
 
 
 def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
     """Raw timings: matmul FLOP/s (one device alone, and per device with all busy) per
-    size, and the median seconds of each collective per group size and message size."""
+    size, memory bytes/s per device with all busy, and the median seconds of each collective
+    per group size and message size."""
     start = time.perf_counter()
     n = len(devices)
     groups = [g for g in range(2, n + 1) if n % g == 0]
-    bar = tqdm(total=2 * len(MATMUL_SIZES) + len(groups) * len(KINDS) * len(MESSAGE_BYTES),
+    bar = tqdm(total=2 * len(MATMUL_SIZES) + 1 + len(groups) * len(KINDS) * len(MESSAGE_BYTES),
                desc="calibrate", disable=not verbose)
     matmul = jax.jit(jnp.matmul)
     everywhere = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
@@ -123,6 +133,8 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
         b = jax.device_put(jnp.ones((n, size, size), jnp.float32), everywhere)
         full.append([size, flops / _median_seconds(matmul, b, b)])
         bar.update()
+    memory = {"bytes": STREAM_BYTES, "all_devices": _stream_rate(everywhere, n)}
+    bar.update()
     collectives = []
     for group in groups:
         mesh = Mesh(np.asarray(devices).reshape(n // group, group), ("rest", "group"))
@@ -139,8 +151,17 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
     bar.close()
     key = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
            "device_count": n, "jax_version": jax.__version__}
-    return {"key": key, "matmul": {"single": single, "all_devices": full},
+    return {"key": key, "matmul": {"single": single, "all_devices": full}, "memory": memory,
             "collectives": collectives, "seconds": time.perf_counter() - start}
+
+
+def _stream_rate(everywhere: NamedSharding, n: int) -> float:
+    """Bytes/s one device reads and writes while all `n` stream their own STREAM_BYTES
+    buffer through an elementwise update, in place, `_STREAM_PASSES` times in one program:
+    the memory-bound work of an optimizer step, on every device at once."""
+    x = jax.device_put(jnp.zeros((n * STREAM_BYTES // 4,), jnp.float32), everywhere)
+    update = jax.jit(lambda v: lax.fori_loop(0, _STREAM_PASSES, lambda _, v: v * 0.5 + 1.0, v))
+    return 2 * _STREAM_PASSES * STREAM_BYTES / _median_seconds(update, x)
 
 
 def _collective_program(kind: str, group: int, mesh: Mesh, repeats: int) -> Callable:

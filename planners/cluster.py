@@ -8,13 +8,21 @@ are per device and per direction, in bytes/s; latencies in seconds.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 GB = 1e9
 GiB = 2**30
 
+COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
+
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
+    """`memory_bandwidth`: bytes/s one device streams through its memory while every device
+    is busy (inf: memory-bound work is not costed). `intra_node_collectives`: measured
+    {"bandwidth", "latency"} per collective kind inside a node, as `calibrate()` fits them;
+    a kind absent from it uses `intra_node_bandwidth` / `intra_node_latency`."""
+
     name: str
     num_nodes: int
     devices_per_node: int
@@ -24,12 +32,19 @@ class Cluster:
     intra_node_latency: float
     inter_node_bandwidth: float
     inter_node_latency: float
+    memory_bandwidth: float = math.inf
+    intra_node_collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     source: str = "datasheet"
 
     def __post_init__(self) -> None:
-        for field in ("num_nodes", "devices_per_node", "peak_flops", "memory_bytes"):
+        for field in ("num_nodes", "devices_per_node", "peak_flops", "memory_bytes",
+                      "memory_bandwidth"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"Cluster.{field} must be positive, got {getattr(self, field)}")
+        unknown = set(self.intra_node_collectives) - set(COLLECTIVE_KINDS)
+        if unknown:
+            raise ValueError(f"Cluster.intra_node_collectives has unknown kinds {sorted(unknown)}; "
+                             f"use {', '.join(COLLECTIVE_KINDS)}")
 
     @property
     def num_devices(self) -> int:
@@ -39,40 +54,47 @@ class Cluster:
     def physical_mesh(self) -> dict[str, int]:
         return {"node": self.num_nodes, "device": self.devices_per_node}
 
-    def link(self, group_size: int, stride: int) -> tuple[float, float]:
-        """(bandwidth, latency) of a collective over `group_size` devices `stride` apart:
-        it stays on the fast links only if the whole group lies within one node."""
-        if stride * (group_size - 1) < self.devices_per_node:
-            return self.intra_node_bandwidth, self.intra_node_latency
-        return self.inter_node_bandwidth, self.inter_node_latency
+    def link(self, group_size: int, stride: int, kind: str | None = None) -> tuple[float, float]:
+        """(bandwidth, latency) of a collective of `kind` over `group_size` devices `stride`
+        apart: it stays on the fast links only if the whole group lies within one node, where
+        the kind's own measured figures apply if there are any."""
+        if stride * (group_size - 1) >= self.devices_per_node:
+            return self.inter_node_bandwidth, self.inter_node_latency
+        figures = self.intra_node_collectives.get(kind)
+        if figures:
+            return figures["bandwidth"], figures["latency"]
+        return self.intra_node_bandwidth, self.intra_node_latency
 
     def with_nodes(self, num_nodes: int) -> Cluster:
         return dataclasses.replace(self, num_nodes=num_nodes)
 
 
 def a100_80gb(num_nodes: int = 1) -> Cluster:
-    """DGX A100 80GB: 312 TFLOP/s bf16; NVSwitch 600 GB/s bidirectional per GPU;
-    8x HDR InfiniBand 200 Gb/s per node, i.e. 25 GB/s per GPU."""
-    return Cluster("A100-80GB", num_nodes, 8, 312e12, 80 * GB, 300 * GB, 5e-6, 25 * GB, 10e-6)
+    """DGX A100 80GB: 312 TFLOP/s bf16, HBM2e 2.0 TB/s; NVSwitch 600 GB/s bidirectional per
+    GPU; 8x HDR InfiniBand 200 Gb/s per node, i.e. 25 GB/s per GPU."""
+    return Cluster("A100-80GB", num_nodes, 8, 312e12, 80 * GB, 300 * GB, 5e-6, 25 * GB, 10e-6,
+                   memory_bandwidth=2.0e12)
 
 
 def h100_80gb(num_nodes: int = 1) -> Cluster:
-    """DGX H100: 989 TFLOP/s bf16 dense; NVLink 4 900 GB/s bidirectional per GPU;
-    8x ConnectX-7 400 Gb/s per node, i.e. 50 GB/s per GPU."""
-    return Cluster("H100-80GB", num_nodes, 8, 989e12, 80 * GB, 450 * GB, 4e-6, 50 * GB, 8e-6)
+    """DGX H100: 989 TFLOP/s bf16 dense, HBM3 3.35 TB/s; NVLink 4 900 GB/s bidirectional per
+    GPU; 8x ConnectX-7 400 Gb/s per node, i.e. 50 GB/s per GPU."""
+    return Cluster("H100-80GB", num_nodes, 8, 989e12, 80 * GB, 450 * GB, 4e-6, 50 * GB, 8e-6,
+                   memory_bandwidth=3.35e12)
 
 
 def tpu_v4(num_chips: int = 8, num_slices: int = 1) -> Cluster:
-    """TPU v4: 275 TFLOP/s bf16, 32 GiB HBM, ICI 2400 Gb/s per chip inside a slice;
-    slices talk over the data-centre network (about 6.25 GB/s per chip)."""
+    """TPU v4: 275 TFLOP/s bf16, 32 GiB HBM at 1.2 TB/s, ICI 2400 Gb/s per chip inside a
+    slice; slices talk over the data-centre network (about 6.25 GB/s per chip)."""
     return Cluster("TPU-v4", num_slices, num_chips, 275e12, 32 * GiB, 300 * GB, 2e-6, 6.25 * GB,
-                   20e-6)
+                   20e-6, memory_bandwidth=1.2e12)
 
 
 def tpu_v5e(num_chips: int = 8, num_slices: int = 1) -> Cluster:
-    """TPU v5e: 197 TFLOP/s bf16, 16 GB HBM, ICI 1600 Gb/s per chip inside a slice."""
+    """TPU v5e: 197 TFLOP/s bf16, 16 GB HBM at 819 GB/s, ICI 1600 Gb/s per chip inside a
+    slice."""
     return Cluster("TPU-v5e", num_slices, num_chips, 197e12, 16 * GB, 200 * GB, 2e-6, 6.25 * GB,
-                   20e-6)
+                   20e-6, memory_bandwidth=8.2e11)
 
 
 PRESETS = {"a100": a100_80gb, "h100": h100_80gb, "tpu-v4": tpu_v4, "tpu-v5e": tpu_v5e}

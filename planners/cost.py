@@ -1,9 +1,13 @@
 """Analytic cost model: the time and per-device memory of a plan, summed over layer groups.
 
-Time = compute + communication (no overlap assumed). Compute is the group's FLOPs split
-over the devices that share the work, at the cluster's matmul rate. Collectives follow the
-alpha-beta model with ring factors: all-reduce 2(n-1)/n B/bw, all-gather and reduce-scatter
-(n-1)/n B/bw, where B is the bytes of the full result on one device. A collective over a
+Time = compute + memory-bound local work + communication (no overlap assumed). Compute is
+the group's FLOPs split over the devices that share the work, at the cluster's matmul rate.
+Memory-bound work is the parameter-sized traffic every device repeats on its own shard:
+writing each microbatch's weight gradient, adding it into the running sum, and the optimizer
+update; bytes / the cluster's memory bandwidth. Collectives follow the alpha-beta model with
+ring factors: all-reduce 2(n-1)/n B/bw, all-gather, reduce-scatter and all-to-all
+(n-1)/n B/bw, where B is the full buffer on one device (the all-gather's result, the
+reduce-scatter's operand), on the link figures of the collective's kind. A collective over a
 mesh axis runs on the links its device stride reaches (inside a node or across nodes).
 
 What the emitter does, which this mirrors (docs/plans.md): per microbatch, a layer's
@@ -11,7 +15,7 @@ fsdp-sharded parameters are all-gathered in the forward pass and again in the ba
 pass, and their gradients reduce-scattered; gradients are all-reduced over the
 data-parallel axes they are replicated on once per step; Megatron matmuls all-reduce
 their output (forward, contracted dimension split) or their input gradient (backward, kept
-dimension split) over `tensor`.
+dimension split) over `tensor`, per microbatch.
 """
 
 from __future__ import annotations
@@ -48,9 +52,12 @@ def _zeros() -> defaultdict[str, float]:
 
 @dataclasses.dataclass
 class Terms:
-    """One group's share of a plan's cost; added up over groups into a Predicted."""
+    """One group's share of a plan's cost; added up over groups into a Predicted.
+    `collective_bytes` are per kind the bytes of the collectives' results on one device, as
+    the compiled HLO types them (a reduce-scatter's result is 1/n of its operand)."""
 
     compute_s: float = 0.0
+    memory_s: float = 0.0
     communication_s: float = 0.0
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=_zeros)
     memory: dict[str, float] = dataclasses.field(default_factory=_zeros)
@@ -58,16 +65,20 @@ class Terms:
 
     def collective(self, cluster: Cluster, plan: Plan, kind: str, axes: tuple[str, ...],
                    nbytes: float, times: float = 1.0) -> None:
+        """Book `times` collectives of `kind` over mesh `axes` on a full buffer of `nbytes`
+        per device (the all-gather's result, the reduce-scatter's operand)."""
         n = math.prod(plan.mesh_shape[a] for a in axes)
         if n <= 1 or nbytes <= 0:
             return
-        bandwidth, latency = link(cluster, plan, axes)
+        bandwidth, latency = link(cluster, plan, axes, kind)
         self.communication_s += times * (latency + RING_FACTOR[kind](n) * nbytes / bandwidth)
-        self.collective_bytes[kind] += times * nbytes
+        result = nbytes / n if kind == "reduce-scatter" else nbytes
+        self.collective_bytes[kind] += times * result
 
 
-def link(cluster: Cluster, plan: Plan, axes: tuple[str, ...]) -> tuple[float, float]:
-    """(bandwidth, latency) of a collective over mesh `axes`: devices are laid out
+def link(cluster: Cluster, plan: Plan, axes: tuple[str, ...],
+         kind: str | None = None) -> tuple[float, float]:
+    """(bandwidth, latency) of a collective of `kind` over mesh `axes`: devices are laid out
     row-major over the mesh, so an axis' stride is the product of the later axes' sizes."""
     names = [name for name, _ in plan.mesh]
     sizes = plan.mesh_shape
@@ -75,7 +86,7 @@ def link(cluster: Cluster, plan: Plan, axes: tuple[str, ...]) -> tuple[float, fl
     for axis in axes:
         stride = math.prod(sizes[b] for b in names[names.index(axis) + 1:])
         span += stride * (sizes[axis] - 1)
-    return cluster.link(span + 1, 1)
+    return cluster.link(span + 1, 1, kind)
 
 
 def _size(plan: Plan, axes) -> int:
@@ -86,6 +97,23 @@ def _layer_shape(p: ParamInfo, stacked: bool) -> tuple[int, ...]:
     return p.shape[1:] if stacked else p.shape
 
 
+def streamed_bytes(gradient: float, shard: float, update: float, microbatches: int,
+                   slots: float) -> float:
+    """Bytes one device moves through memory per step for one parameter, outside matmuls:
+    per microbatch the backward writes the weight `gradient` (whole over the batch axes, as
+    the matmul computes it), and from the second microbatch on its reduced `shard` is added
+    into the running sum (two reads, one write); once per step the update reads the gradient
+    and reads and writes the parameter and its optimizer slots on the optimizer's shard
+    (`update` bytes): m G + 3 (m - 1) S + (3 + 2 slots) U."""
+    m = microbatches
+    return m * gradient + 3 * (m - 1) * shard + (3 + 2 * slots) * update
+
+
+def is_stacked(group: Group) -> bool:
+    """Whether `group` is a stack of layers run by a scan: the only kind remat applies to."""
+    return group.repeat > 1 or any(p.logical_axes[:1] == ("layers",) for p in group.params)
+
+
 def group_terms(group: Group, plan: Plan, cluster: Cluster,
                 options: Options | None = None) -> Terms:
     """Time and memory of `group` under `plan` for one training step."""
@@ -93,7 +121,7 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
     t = Terms()
     manual = plan.batch_axes
     dp, m = plan.data_parallel_size, plan.microbatches
-    stacked = group.repeat > 1 or any(p.logical_axes[:1] == ("layers",) for p in group.params)
+    stacked = is_stacked(group)
     remat = plan.remat and stacked
     layout = {p.path: plan.param_layout(p) for p in group.params}
     auto = {path: tuple(a for axes in lay for a in axes if a not in manual)
@@ -110,7 +138,7 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
     passes = 3 + (1 if remat else 0)
     t.compute_s = group.repeat * passes * device_flops / (cluster.peak_flops * options.efficiency)
 
-    # ---- tensor parallelism: Megatron all-reduces of activations (per layer, per step)
+    # ---- tensor parallelism: Megatron all-reduces of activations (per layer and microbatch)
     for mm in group.matmuls:
         p = by_param.get(mm.param)
         if p is None:
@@ -119,12 +147,13 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
         contracted = tuple(a for name in mm.contracting for a in axes_of.get(name, ())
                            if a not in manual)
         kept = tuple(a for name in mm.free for a in axes_of.get(name, ()) if a not in manual)
-        forward_times = group.repeat * (2 if remat else 1)
-        t.collective(cluster, plan, "all-reduce", contracted, mm.out_bytes / dp / _size(
+        forward_times = group.repeat * m * (2 if remat else 1)
+        t.collective(cluster, plan, "all-reduce", contracted, mm.out_bytes / dp / m / _size(
             plan, kept), forward_times)
-        t.collective(cluster, plan, "all-reduce", kept, mm.in_bytes / dp, group.repeat)
+        t.collective(cluster, plan, "all-reduce", kept, mm.in_bytes / dp / m, group.repeat * m)
 
-    # ---- parameters: fsdp gathers and reduce-scatters, data-parallel all-reduce
+    # ---- parameters: fsdp gathers and reduce-scatters, data-parallel all-reduce, and the
+    # memory-bound gradient and update work on each device's copy
     gathers = 2 if stacked else 1  # a layer's gathered copy is recomputed, not saved
     for p in group.params:
         lay = layout[p.path]
@@ -141,9 +170,13 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
             t.temporary = max(t.temporary, 2 * layer_bytes)
         t.memory["params"] += shard
         t.memory["grads"] += shard
-        opt = p.nbytes / _size(plan, sum(plan.optimizer_layout(p), ()))
+        opt_axes = sum(plan.optimizer_layout(p), ())
+        opt = p.nbytes / _size(plan, opt_axes)
         t.memory["optimizer"] += options.optimizer_slots * opt
-        extra = tuple(a for a in sum(plan.optimizer_layout(p), ()) if a not in sum(lay, ()))
+        gradient = p.nbytes / _size(plan, auto[p.path])
+        t.memory_s += streamed_bytes(gradient, shard, opt, m, options.optimizer_slots
+                                     ) / cluster.memory_bandwidth
+        extra = tuple(a for a in opt_axes if a not in sum(lay, ()))
         t.collective(cluster, plan, "all-gather", extra, shard)  # ZeRO-1: updates gathered
 
     # ---- activations saved for backward, one microbatch at a time (the scan); the backward
@@ -166,14 +199,15 @@ def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:
 
 def predict(graph: ModelGraph, plan: Plan, cluster: Cluster,
             options: Options | None = None) -> Predicted:
-    """The plan's predicted step time and per-device memory by category."""
+    """The plan's predicted step time and per-device memory by category. Predicted has no
+    field of its own for memory-bound work: it is local work, counted in `compute_s`."""
     options = options or Options()
     compute = communication = temporary = 0.0
     collectives: dict[str, float] = defaultdict(float)
     memory: dict[str, float] = defaultdict(float)
     for group in graph.groups:
         t = group_terms(group, plan, cluster, options)
-        compute += t.compute_s
+        compute += t.compute_s + t.memory_s
         communication += t.communication_s
         temporary = max(temporary, t.temporary)
         for k, v in t.collective_bytes.items():

@@ -8,12 +8,17 @@ replicated, plus the plan-wide remat flag and microbatch count. A group's cost d
 the global choices, so there is one binary per (group, fsdp, remat, microbatches)
 combination, tied to one-hot global choices; temporaries enter as their maximum over
 groups. Minimise the predicted step time subject to the per-device memory budget.
+
+Ties are not left to the solver: the cost model charges every extra microbatch (a gradient
+accumulation and each microbatch's tensor-parallel collectives), so the fewest that fit win;
+remat is offered only when some group is a layer stack, the only place it applies.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Sequence
 
@@ -28,7 +33,7 @@ from jaxpar.plan import (
     Rules,
 )
 from jaxpar.planners.cluster import Cluster
-from jaxpar.planners.cost import Options, group_terms, predict
+from jaxpar.planners.cost import Options, group_terms, is_stacked, predict
 from jaxpar.planners.graph import ModelGraph
 
 GiB = 2**30
@@ -50,8 +55,20 @@ def replicate_over_fsdp(rules: Rules) -> Rules:
                  for name, axes in rules)
 
 
+def group_pattern(group: str) -> str:
+    """The `group_rules` pattern of a layer group: its name as the whole first component of a
+    parameter path, so that a top-level parameter (GPT's `positions`) matches too."""
+    return f"^{re.escape(group)}(/|$)"
+
+
+def pattern_group(pattern: str) -> str:
+    """The group name a `group_pattern` was made from (any other pattern as it is)."""
+    m = re.fullmatch(r"\^(.+)\(/\|\$\)", pattern)
+    return re.sub(r"\\(.)", r"\1", m.group(1)) if m else pattern
+
+
 def describe(plan: Plan) -> str:
-    """A short name: 'dp2+fsdp2+tp2 m4 remat zero1 (embed,positions replicated)'."""
+    """A short name: 'dp2+fsdp2+tp2 m4 remat zero1 (embed,positions unsharded)'."""
     sizes = plan.mesh_shape
     parts = [f"{k}{sizes[a]}" for k, a in (("dp", "data"), ("fsdp", "fsdp"), ("tp", "tensor"))
              if sizes.get(a, 1) > 1] or ["single"]
@@ -62,7 +79,7 @@ def describe(plan: Plan) -> str:
         name += " remat"
     if plan.zero:
         name += " zero1"
-    replicated = [pattern.strip("^/") for pattern, _ in plan.group_rules]
+    replicated = [pattern_group(pattern) for pattern, _ in plan.group_rules]
     if replicated and sizes.get("fsdp", 1) > 1:
         name += f" ({','.join(replicated)} unsharded)"
     return name
@@ -93,11 +110,13 @@ def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
     """Every valid (group, fsdp, remat, microbatches) combination with its cost; None if
     some group has no valid layout on this mesh."""
     fsdp_choices = (True, False) if base.mesh_shape["fsdp"] > 1 else (True,)
+    remat_choices = (False, True) if any(is_stacked(g) for g in graph.groups) else (False,)
     combos = []
     for gi, group in enumerate(graph.groups):
         valid = 0
         for fsdp in fsdp_choices:
-            rules = () if fsdp else ((f"^{group.name}/", replicate_over_fsdp(base.rules)),)
+            rules = () if fsdp else ((group_pattern(group.name),
+                                      replicate_over_fsdp(base.rules)),)
             plan = dataclasses.replace(base, group_rules=rules)
             try:
                 for p in group.params:
@@ -105,11 +124,12 @@ def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
             except PlanError:
                 continue
             valid += 1
-            for remat in (False, True):
+            for remat in remat_choices:
                 for m in microbatches:
                     variant = dataclasses.replace(plan, remat=remat, microbatches=m)
                     t = group_terms(group, variant, cluster, options)
-                    combos.append(_Combo(gi, fsdp, remat, m, t.compute_s + t.communication_s,
+                    time_s = t.compute_s + t.memory_s + t.communication_s
+                    combos.append(_Combo(gi, fsdp, remat, m, time_s,
                                          sum(t.memory.values()), t.temporary,
                                          t.memory["params"]))
         if not valid:
@@ -167,7 +187,7 @@ def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Se
     chosen = [k for k, on in zip(combos, x) if on]
     m = chosen[0].microbatches
     remat = chosen[0].remat
-    rules = tuple((f"^{graph.groups[k.group].name}/", replicate_over_fsdp(base.rules))
+    rules = tuple((group_pattern(graph.groups[k.group].name), replicate_over_fsdp(base.rules))
                   for k in chosen if not k.fsdp)
     plan = dataclasses.replace(base, remat=remat, microbatches=m, group_rules=rules)
     time_s = sum(k.time_s for k in chosen)

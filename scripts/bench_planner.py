@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import platform
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -62,7 +61,9 @@ from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.search import (
     describe,
     divisors,
+    group_pattern,
     mesh_shapes,
+    pattern_group,
     plan_sharding,
     replicate_over_fsdp,
 )
@@ -182,12 +183,6 @@ def abstract_batch(batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
 # only makes near-ties. Plans that compile to the same program are swept once: a mesh whose
 # fsdp axis holds no parameter is the data-parallel mesh of data x fsdp devices.
 LARGE_GROUP = 0.05
-
-
-def group_pattern(name: str) -> str:
-    """A group_rules pattern matching the group's parameters, `name` itself included (a
-    parameter may sit at the top level, such as GPT's `positions`)."""
-    return f"^{re.escape(name)}(/|$)"
 
 
 def rule_variants(graph: ModelGraph, mode: str) -> list[tuple[str, ...]]:
@@ -424,7 +419,7 @@ def config_record(run: Run, graph: ModelGraph, cluster: Cluster, settings: Setti
     return {
         "name": run.plan.name,
         "mesh": dict(run.plan.mesh),
-        "unsharded_groups": [p.strip("^/") for p, _ in run.plan.group_rules],
+        "unsharded_groups": [pattern_group(p) for p, _ in run.plan.group_rules],
         "is_pick": run.role == "pick", "control": run.role == "control",
         "predicted_s": pr.step_s, "predicted_compute_s": pr.compute_s,
         "predicted_communication_s": pr.communication_s,

@@ -1,6 +1,7 @@
 """auto_parallelize: planned plans run, match the single-device program, and their
 predictions agree with the compiler; planning is fast; an impossible budget says what fits."""
 
+import functools
 import time
 
 import jax
@@ -9,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_hlo import collective_bytes_per_step
 
 import jaxpar
-from jaxpar import hlo
 from jaxpar.graph import trace_graph
 from jaxpar.models.gpt import Block, build, lm_loss
 from jaxpar.models.presets import GPTConfig
@@ -116,13 +117,25 @@ def test_tight_budgets_are_met_and_still_match(force, cluster):
     assert_matches_single_device(par, model_fn, lm_loss, optimizer, batches)
 
 
-@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+fsdp2+tp2"])
-def test_predicted_memory_and_collectives_agree_with_the_compiler(spec, cluster):
+@pytest.fixture(scope="module")
+def small_gpt(cluster):
+    """`compile(spec)`: GPT small's step under the named plan, compiled once per plan, with
+    the cost model's prediction for it (fsdp8 with remat, the others without)."""
     model_fn, batch = build("small"), token_batches(batch=16, length=64, steps=1)[0]
-    par = jaxpar.parallelize(model_fn, optax.adamw(1e-3), lm_loss,
-                             jaxpar.named_plan(spec, 8, remat=spec == "fsdp8"), batch)
-    predicted = predict(trace_graph(model_fn, lm_loss, batch), par.plan, cluster)
-    compiled = par.lower(batch).compile()
+    graph = trace_graph(model_fn, lm_loss, batch)
+
+    @functools.cache
+    def compile(spec):
+        par = jaxpar.parallelize(model_fn, optax.adamw(1e-3), lm_loss,
+                                 jaxpar.named_plan(spec, 8, remat=spec == "fsdp8"), batch)
+        return predict(graph, par.plan, cluster), par.lower(batch).compile()
+
+    return compile
+
+
+@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+fsdp2+tp2"])
+def test_predicted_memory_agrees_with_the_compiler(spec, small_gpt):
+    predicted, compiled = small_gpt(spec)
     memory = compiled.memory_analysis()
     pm = predicted.memory_bytes
     # parameters + optimizer state (+ the batch shard) are the step's arguments
@@ -130,8 +143,28 @@ def test_predicted_memory_and_collectives_agree_with_the_compiler(spec, cluster)
         memory.argument_size_in_bytes, rel=0.05)
     assert predicted.total_bytes == pytest.approx(
         memory.argument_size_in_bytes + memory.temp_size_in_bytes, rel=0.25)
-    emitted = {op.kind for op in hlo.collectives(compiled.as_text()) if op.nbytes > 64}
-    assert emitted == {kind for kind, nbytes in predicted.collective_bytes.items() if nbytes}
+
+
+# The cost model leaves out the embedding lookup's all-reduce over a vocab-split table (3.9 %
+# of tp8's all-reduce bytes) and the loss's reductions over `vocab` (scalars and rows).
+COLLECTIVE_BYTES_TOLERANCE = 0.10
+
+FSDP_WITH_TENSOR = pytest.mark.xfail(strict=True, reason=(
+    "the emitter's fsdp gathers replicate tensor-split dims: XLA all-gathers an operand over "
+    "the auto `tensor` axis before a collective over a manual axis, so every device gathers "
+    "whole weights and reduce-scatters whole gradients; and without remat the backward pass "
+    "reuses the forward's gathered weights instead of gathering again (jaxpar/context.py)"))
+
+
+@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8",
+                                  pytest.param("dp2+fsdp2+tp2", marks=FSDP_WITH_TENSOR)])
+def test_predicted_collective_bytes_per_kind_agree_with_the_compiler(spec, small_gpt):
+    predicted, compiled = small_gpt(spec)
+    emitted = collective_bytes_per_step(compiled.as_text(), min_bytes=64)
+    expected = {kind: nbytes for kind, nbytes in predicted.collective_bytes.items() if nbytes}
+    assert set(emitted) == set(expected)
+    for kind, nbytes in emitted.items():
+        assert expected[kind] == pytest.approx(nbytes, rel=COLLECTIVE_BYTES_TOLERANCE), kind
 
 
 def test_gpt3_175b_on_1024_and_4096_a100s_plans_in_seconds():

@@ -24,13 +24,23 @@ def test_calibrated_cluster_describes_8_devices_in_one_node(calibrated):
     assert cluster.source == "calibrated"
     assert (cluster.num_nodes, cluster.devices_per_node) == (1, 8)
     figures = [cluster.peak_flops, cluster.memory_bytes, cluster.intra_node_bandwidth,
-               cluster.intra_node_latency]
+               cluster.intra_node_latency, cluster.memory_bandwidth]
     assert all(math.isfinite(x) and x > 0 for x in figures)
     assert (cluster.inter_node_bandwidth, cluster.inter_node_latency) == (
         cluster.intra_node_bandwidth, cluster.intra_node_latency)
     # 8 devices share 2 cores: the per-device rate under full load is below the rate alone.
     assert cluster.peak_flops < max(rate for _, rate in record["matmul"]["single"])
+    assert cluster.memory_bandwidth == record["memory"]["all_devices"]
     assert record["seconds"] < 60
+
+
+def test_each_collective_kind_carries_its_own_fit(calibrated):
+    cluster, _, record = calibrated
+    assert cluster.intra_node_collectives == {
+        kind.replace("_", "-"): record["fits"][kind] for kind in KINDS}
+    # the kinds move data at different rates: one combined figure would mis-cost them
+    bandwidths = [fit["bandwidth"] for fit in cluster.intra_node_collectives.values()]
+    assert max(bandwidths) > 1.2 * min(bandwidths)
 
 
 def _median_relative_error(fit, points):
@@ -77,5 +87,9 @@ def test_refresh_measures_again(calibrated, monkeypatch, tmp_path):
     # Every collective twice as slow: the fit doubles the latency and halves the bandwidth.
     assert refreshed.intra_node_latency == pytest.approx(2 * cluster.intra_node_latency)
     assert refreshed.intra_node_bandwidth == pytest.approx(cluster.intra_node_bandwidth / 2)
+    for kind, fit in refreshed.intra_node_collectives.items():
+        assert fit["bandwidth"] == pytest.approx(
+            cluster.intra_node_collectives[kind]["bandwidth"] / 2)
     assert refreshed.peak_flops == cluster.peak_flops
+    assert refreshed.memory_bandwidth == cluster.memory_bandwidth
     assert jaxpar.calibrate(cache_dir=tmp_path) == refreshed

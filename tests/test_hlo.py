@@ -2,6 +2,8 @@
 `compiled.memory_analysis()`."""
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 import optax
@@ -13,6 +15,41 @@ from jaxpar.models.gpt import build, lm_loss
 from jaxpar.trace import abstract_params
 
 BATCH, LENGTH = 16, 32
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) \(")
+_WHILE = re.compile(r" while\(.* body=%(?P<body>[^,\s]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
+
+
+def collective_bytes_per_step(hlo_text: str, min_bytes: int = 0) -> dict[str, int]:
+    """Bytes of the collectives' results per step by kind, from compiled HLO text. An op in
+    the body of a while loop (the layer scan, the microbatch scan) runs the loop's known trip
+    count times, nested loops multiplied. Ops of at most `min_bytes` (scalars) are left out."""
+    bodies: dict[str, list[str]] = {}
+    entry = name = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            name = header.group("name")
+            bodies[name] = []
+            entry = name if line.startswith("ENTRY") else entry
+        elif name is not None:
+            bodies[name].append(line)
+    total: Counter[str] = Counter()
+
+    def visit(computation: str, times: int) -> None:
+        for line in bodies[computation]:
+            for op in hlo.collectives(line):
+                if op.nbytes > min_bytes:
+                    total[op.kind] += times * op.nbytes
+            loop = _WHILE.search(line)
+            if loop:
+                trips = _TRIP_COUNT.search(line)
+                assert trips, f"a while loop without known_trip_count: {line[:200]}"
+                visit(loop.group("body"), times * int(trips.group("n")))
+
+    visit(entry, 1)
+    return dict(total)
 
 
 def example_batch():
@@ -40,12 +77,19 @@ def layer_shapes(info):
     return info.shape[1:] if info.logical_axes[:1] == ("layers",) else info.shape
 
 
-def test_dp_all_reduces_gradients_and_gathers_nothing(compiled, params):
-    ops = hlo.collectives(compiled["dp8"][1].as_text())
-    assert not [op for op in ops if op.kind == "all-gather"]
-    reduced = sum(op.nbytes for op in ops if op.kind == "all-reduce")
-    # every gradient is all-reduced; a stacked layer's inside the scan loop, once per layer
-    assert reduced >= sum(math.prod(layer_shapes(p)) * 4 for p in params)
+def test_dp_all_reduces_every_gradient_once_per_step_and_gathers_nothing(compiled, params):
+    per_step = collective_bytes_per_step(compiled["dp8"][1].as_text())
+    assert set(per_step) == {"all-reduce"}
+    # every gradient once, after the layer scan; and the loss, a scalar
+    assert per_step["all-reduce"] == pytest.approx(sum(p.nbytes for p in params), abs=64)
+
+
+def test_fsdp_reduce_scatters_every_sharded_gradient_once_per_step(compiled, params):
+    par, exe = compiled["fsdp8"]
+    per_step = collective_bytes_per_step(exe.as_text())
+    sharded = [p for p in params if "fsdp" in sum(par.plan.param_layout(p), ())]
+    # a stacked layer's gradient is reduce-scattered in the scan, once per trip (layer)
+    assert per_step["reduce-scatter"] == sum(p.nbytes for p in sharded) // 8
 
 
 def test_fsdp_gathers_parameters_and_reduce_scatters_gradients(compiled, params):

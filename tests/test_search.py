@@ -7,12 +7,14 @@ import math
 
 import pytest
 
-from jaxpar.plan import ParamInfo, Plan, PlanError
+from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
 from jaxpar.planners.cluster import a100_80gb
-from jaxpar.planners.cost import predict
+from jaxpar.planners.cost import group_terms, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
 from jaxpar.planners.search import (
+    describe,
     divisors,
+    group_pattern,
     mesh_shapes,
     plan_sharding,
     replicate_over_fsdp,
@@ -82,7 +84,7 @@ def test_the_milp_finds_the_optimum_of_brute_force():
         dp = base.data_parallel_size
         for zero, remat, m in itertools.product((0, 1), (False, True), divisors(16 // dp)):
             for shard in itertools.product((True, False), repeat=len(graph.groups)):
-                rules = tuple((f"^{g.name}/", replicate_over_fsdp(base.rules))
+                rules = tuple((group_pattern(g.name), replicate_over_fsdp(base.rules))
                               for g, on in zip(graph.groups, shard) if not on)
                 candidate = dataclasses.replace(base, zero=zero, remat=remat, microbatches=m,
                                                 group_rules=rules)
@@ -127,3 +129,69 @@ def test_explain_lists_runners_up_with_reasons():
     assert len(plan.alternatives) == 8
     assert all(a.step_s >= plan.predicted.step_s for a in plan.alternatives)
     assert Plan.from_json(plan.to_json()).explain() == text
+
+
+def test_group_patterns_match_top_level_parameters_and_nothing_else():
+    base = Plan(mesh=(("data", 1), ("fsdp", 8), ("tensor", 1)))
+    plan = dataclasses.replace(base, group_rules=(
+        (group_pattern("positions"), replicate_over_fsdp(base.rules)),
+        (group_pattern("blocks"), replicate_over_fsdp(base.rules))))
+    table = ParamInfo("positions", (128, 64), "float32", ("length", "embed"))
+    kernel = ParamInfo("blocks/mlp/up", (4, 64, 256), "float32", ("layers", "embed", "mlp"))
+    other = ParamInfo("positions_extra/table", (128, 64), "float32", ("length", "embed"))
+    assert plan.param_layout(table) == ((), ())
+    assert plan.param_layout(kernel) == ((), (), ())
+    assert plan.param_layout(other) == ((), ("fsdp",))
+    assert describe(plan) == "fsdp8 (positions,blocks unsharded)"
+
+
+def test_fewest_microbatches_win_when_memory_allows():
+    graph = transformer(layers=4, embed=1024, heads=8, mlp=4096, vocab=8192, batch=16,
+                        length=512)
+    cluster = a100_80gb(num_nodes=1)
+    plan = plan_sharding(graph, cluster, 80 * GiB)
+    assert plan.microbatches == 1
+    # each extra microbatch adds a gradient accumulation and per-microbatch collectives
+    times = [predict(graph, dataclasses.replace(plan, microbatches=m), cluster).step_s
+             for m in (1, 2, 4)]
+    assert times[0] < times[1] < times[2]
+
+
+def test_replicas_pay_for_the_update_they_repeat_at_memory_bandwidth():
+    graph = transformer(layers=2, embed=1024, heads=8, mlp=4096, vocab=8192, batch=8,
+                        length=128)
+    cluster = a100_80gb(num_nodes=1)
+    slots = 2
+
+    def streamed(spec, **knobs):
+        plan = dataclasses.replace(Plan(mesh=spec), **knobs).bind(graph.params)
+        seconds = sum(group_terms(g, plan, cluster).memory_s for g in graph.groups)
+        return seconds * cluster.memory_bandwidth
+
+    data = (("data", 8), ("fsdp", 1), ("tensor", 1))
+    tensor = (("data", 1), ("fsdp", 1), ("tensor", 8))
+    # every replica writes the whole gradient, then reads it and reads and writes parameters
+    # and optimizer slots: (1 + 3 + 2 slots) x the parameter bytes
+    assert streamed(data) == pytest.approx((4 + 2 * slots) * graph.param_bytes)
+    assert streamed(tensor) < streamed(data) / 4  # tensor-parallel: one shard each
+    # ZeRO-1 splits the update over the replicas; microbatches add accumulations (3 x grads)
+    assert streamed(data, zero=1) == pytest.approx((1 + (3 + 2 * slots) / 8)
+                                                   * graph.param_bytes)
+    assert streamed(data, microbatches=2) == pytest.approx(
+        streamed(data) + 4 * graph.param_bytes)
+    free = dataclasses.replace(cluster, memory_bandwidth=math.inf)
+    plan = Plan(mesh=data).bind(graph.params)
+    assert predict(graph, plan, free).step_s < predict(graph, plan, cluster).step_s
+
+
+def test_collectives_are_costed_on_their_own_kinds_figures():
+    graph = transformer(layers=2, embed=1024, heads=8, mlp=4096, vocab=8192, batch=8,
+                        length=128)
+    cluster = a100_80gb(num_nodes=1)
+    slow = {"bandwidth": cluster.intra_node_bandwidth / 4, "latency": cluster.intra_node_latency}
+    slow_scatter = dataclasses.replace(cluster, intra_node_collectives={"reduce-scatter": slow})
+    for spec, scatters in (("dp8", False), ("fsdp8", True), ("tp8", False)):
+        plan = named_plan(spec, 8).bind(graph.params)
+        base, slowed = (predict(graph, plan, c) for c in (cluster, slow_scatter))
+        assert (slowed.communication_s > base.communication_s) == scatters, spec
+        assert slowed.collective_bytes == base.collective_bytes
