@@ -1,0 +1,269 @@
+"""The SPMD form of the pipeline runtime: one jitted program over the whole mesh.
+
+The program is a `shard_map` manual over `stage` and the batch axes (`data`, `fsdp`) and
+automatic over `tensor`, as in `jaxpar.emit`. The layer stack is stored as (v, p, k, ...) with
+p split over `stage`, so rank r holds local chunk j = chunk j p + r (Megatron's interleaved
+layout; v = 1 is plain 1F1B). A `lax.scan` walks the tick table of `planners.ticks`: in each
+tick every rank runs the op of its row (`lax.switch` on the row picked by its stage index),
+then activations move one rank forward and gradients one rank back (cyclic `ppermute`s) into
+the buffer slots the table names.
+
+A backward is an explicit VJP of its chunk from the stashed chunk input: it recomputes the
+chunk forward, so hardware FLOPs are the model FLOPs plus one more forward of the stack, and
+activation memory is the table's buffers (1F1B: p slots, GPipe: m) plus one chunk's
+internals. Chunk 0's backward re-embeds its microbatch (`pieces.pre`), so its input is never
+stashed; the last chunk's backward runs the head and loss (`pieces.post`) after the chunk,
+so its forward has nothing to compute and the loss comes out of its backward. Parameters
+outside the stack are replicated over `stage`; their gradient (pre's part on rank 0, post's
+on rank p - 1) is summed over `stage` once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpar import context
+from jaxpar.devices import make_mesh
+from jaxpar.emit import TrainState, _by_path
+from jaxpar.pipelined import Pipelined, microbatches
+from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
+from jaxpar.planners.schedules import Op, Schedule
+from jaxpar.planners.ticks import TickTable, tick_table
+from jaxpar.stages import Pieces
+from jaxpar.trace import ModelFn, abstract_params
+
+IDLE, FORWARD, BACKWARD = range(3)
+
+
+def _kind(op: Op | None, num_chunks: int) -> int:
+    """What runs `op`: the last chunk's F is idle, since its B recomputes it anyway."""
+    if op is None or (op.kind == "F" and op.chunk == num_chunks - 1):
+        return IDLE
+    return FORWARD if op.kind == "F" else BACKWARD
+
+
+def _rows(table: TickTable) -> np.ndarray:
+    """The tick table as int32 (ticks, p, 7): op kind, microbatch, local chunk, stash slot,
+    grad slot, and the slots receiving this tick's activation and gradient (-1: none)."""
+    s = table.schedule
+    return np.array([[(_kind(c.op, s.num_chunks), c.op.microbatch if c.op else 0,
+                       c.op.chunk // s.p if c.op else 0, c.stash, c.grad, c.recv_stash,
+                       c.recv_grad) for c in row] for row in table.cells], np.int32)
+
+
+def _check(plan: Plan, chunk_layers: Sequence[int], schedule: Schedule) -> None:
+    if schedule.splits_backward:
+        raise PlanError(f"the SPMD pipeline runs gpipe, 1f1b and interleaved_1f1b, not "
+                        f"{plan.pipeline.schedule} (its W ops would recompute the chunk once "
+                        "more); use one of those or form='mpmd'")
+    if len(set(chunk_layers)) > 1:
+        raise PlanError(f"the SPMD pipeline needs equal chunks (one program runs every rank); "
+                        f"the cut is {tuple(chunk_layers)}: drop the cut or use form='mpmd'")
+    if plan.zero:
+        raise PlanError(f"the SPMD pipeline keeps optimizer state laid out like its parameters;"
+                        f" the plan has zero={plan.zero}: use zero=0 or form='mpmd'")
+
+
+def _chunked(pieces: Pieces, params: dict, p: int, v: int) -> dict:
+    """The stack's (L, ...) leaves as (v, p, k, ...): [j, r] is chunk j p + r."""
+    stack = jax.tree.map(lambda x: x.reshape(v, p, -1, *x.shape[1:]), pieces.stacked(params))
+    return pieces.join(pieces.outer(params), stack)
+
+
+def _unchunked(pieces: Pieces, params: dict) -> dict:
+    stack = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), pieces.stacked(params))
+    return pieces.join(pieces.outer(params), stack)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _read(buffer: jax.Array, slot: jax.Array) -> jax.Array:
+    """Slot `slot` of a buffer (any slot when -1: the op ignores it)."""
+    return buffer[jnp.maximum(slot, 0)]
+
+
+def _write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    """`value` into slot `slot` of a buffer; no change when `slot` is -1."""
+    at = jnp.maximum(slot, 0)
+    return buffer.at[at].set(jnp.where(slot >= 0, value, buffer[at]))
+
+
+def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
+               layout: Callable[[ParamInfo], Layout],
+               chunked_shape: dict) -> Callable[[dict, Any], tuple[jax.Array, dict]]:
+    """(chunked params, batch) -> (mean loss, mean gradient): the tick loop on every rank."""
+    manual = ("stage",) + plan.batch_axes
+    p, m = plan.stages, plan.microbatches
+    rows = _rows(table)
+    forward_perm = [(r, (r + 1) % p) for r in range(p)]
+    backward_perm = [(r, (r - 1) % p) for r in range(p)]
+
+    def replicated_over(info: ParamInfo) -> tuple[str, ...]:
+        return tuple(a for a in manual if a not in sum(layout(info), ()))
+
+    def zeros(tree: Any) -> Any:
+        """Zeros varying over the manual axes, like every value the loop carries."""
+        return jax.tree.map(lambda a: lax.pcast(jnp.zeros(a.shape, a.dtype), manual,
+                                                to="varying"), tree)
+
+    def gathered(outer: dict) -> dict:
+        return _by_path(outer, plan.params,
+                        lambda i, x: context.gather(x, plan.param_layout(i)))
+
+    def pre(outer: dict, batch: Any) -> jax.Array:
+        return pieces.pre(gathered(outer), batch)
+
+    def post(outer: dict, x: jax.Array, batch: Any) -> jax.Array:
+        return pieces.post(gathered(outer), x, batch)
+
+    def local(params: dict, batch: Any) -> tuple[jax.Array, dict]:
+        # marked varying so that gradients stay per device until the one psum at the end
+        params = _by_path(params, plan.params, lambda i, x: lax.pcast(
+            x, replicated_over(i), to="varying") if replicated_over(i) else x)
+        outer = pieces.outer(params)
+        stack = jax.tree.map(lambda w: w[:, 0], pieces.stacked(params))  # (v, k, ...)
+        micro = microbatches(batch, m)
+        rank = lax.axis_index("stage")
+        activation = jax.eval_shape(pre, outer, jax.tree.map(lambda a: a[0], micro))
+
+        def run_op(kind, microbatch, j, x, g, acc):
+            """This rank's op on local chunk j: the activation and gradient it sends (zeros
+            if none) and the accumulators (chunk grads, outer grads, loss sum) updated."""
+            chunk = j * p + rank
+            first, last = chunk == 0, chunk == table.schedule.num_chunks - 1
+            w = jax.tree.map(lambda a: a[j], stack)
+            mb = jax.tree.map(lambda a: a[microbatch], micro)
+            nothing = zeros(activation)
+
+            def chunk_input():
+                return lax.cond(first, lambda: pre(outer, mb), lambda: x)
+
+            def backward():
+                d_stack, d_outer, loss = acc
+                y, chunk_vjp = jax.vjp(pieces.chunk, w, chunk_input())
+
+                def head():  # the last chunk's output gradient comes from the loss
+                    value, post_vjp = jax.vjp(lambda o, y: post(o, y, mb), outer, y)
+                    d_o, gy = post_vjp(jnp.ones_like(value))
+                    return gy, _add(d_outer, d_o), loss + value
+
+                gy, d_outer, loss = lax.cond(last, head, lambda: (g, d_outer, loss))
+                dw, dx = chunk_vjp(gy)
+                d_stack = jax.tree.map(lambda a, d: a.at[j].add(d), d_stack, dw)
+
+                def embedding():  # chunk 0's input gradient goes on into the embedding
+                    _, pre_vjp = jax.vjp(lambda o: pre(o, mb), outer)
+                    return _add(d_outer, pre_vjp(dx)[0])
+
+                d_outer = lax.cond(first, embedding, lambda: d_outer)
+                return nothing, dx, (d_stack, d_outer, loss)
+
+            return lax.switch(kind, (lambda: (nothing, nothing, acc),
+                                     lambda: (pieces.chunk(w, chunk_input()), nothing, acc),
+                                     backward))
+
+        def tick(carry, rows_now):
+            stash, grads, acc = carry
+            kind, microbatch, j, x_slot, g_slot, x_recv, g_recv = rows_now[rank]
+            y, dx, acc = run_op(kind, microbatch, j, _read(stash, x_slot), _read(grads, g_slot),
+                                acc)
+            stash = _write(stash, x_recv, lax.ppermute(y, "stage", forward_perm))
+            grads = _write(grads, g_recv, lax.ppermute(dx, "stage", backward_perm))
+            return (stash, grads, acc), None
+
+        buffers = (jax.ShapeDtypeStruct((max(n, 1), *activation.shape), activation.dtype)
+                   for n in (table.stash_slots, table.grad_slots))
+        loss = jax.ShapeDtypeStruct((), activation.dtype)
+        carry = zeros((*buffers, (stack, outer, loss)))
+        (_, _, (d_stack, d_outer, loss)), _ = lax.scan(tick, carry, rows)
+        grads = pieces.join(d_outer, jax.tree.map(lambda g: g[:, None], d_stack))
+        grads = _by_path(grads, plan.params, lambda i, g: lax.psum(g, replicated_over(i))
+                         if replicated_over(i) else g)
+        loss = lax.psum(loss, "stage") / m
+        if plan.batch_axes:
+            loss = lax.pmean(loss, plan.batch_axes)
+        scale = 1 / (m * plan.data_parallel_size)
+        return loss, jax.tree.map(lambda g: g * scale, grads)
+
+    specs = _by_path(chunked_shape, plan.params, lambda i, _: context.partition_spec(
+        layout(i), keep=lambda a: a in manual))
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, PartitionSpec(plan.batch_axes or None)),
+                         out_specs=(PartitionSpec(), specs), axis_names=set(manual))
+
+
+def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
+                     pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
+                     batch: Any, devices: Sequence[jax.Device]) -> Pipelined:
+    """The plan's pipelined train step as one SPMD program (see the module doc)."""
+    _check(plan, chunk_layers, schedule)
+    p, v = plan.stages, plan.pipeline.virtual
+    mesh = make_mesh(plan, devices)
+    stack = pieces.stages.stack + "/"
+
+    def layout(info: ParamInfo) -> Layout:
+        """A parameter's layout as stored: the stack's gains (v, p) dims, p over `stage`."""
+        base = plan.param_layout(info)
+        return ((), ("stage",)) + base if info.path.startswith(stack) else base
+
+    _, params_shape, _ = abstract_params(model_fn)
+    chunked_shape = jax.eval_shape(lambda x: _chunked(pieces, x, p, v), params_shape)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_sharding = _by_path(chunked_shape, plan.params, lambda i, _: NamedSharding(
+        mesh, context.partition_spec(layout(i))))
+    opt_sharding = optax.tree_map_params(
+        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, chunked_shape),
+        param_sharding, transform_non_params=lambda _: replicated)
+    state_sharding = TrainState(replicated, param_sharding, opt_sharding)
+    batch_sharding = jax.tree.map(
+        lambda _: NamedSharding(mesh, PartitionSpec(plan.batch_axes or None)), batch)
+    pipelined = _pipelined(plan, pieces, mesh, tick_table(schedule), layout, chunked_shape)
+
+    def run(params: dict, batch: Any) -> tuple[jax.Array, dict]:
+        """On chunked parameters, with the plan active for `constrain` and `layer`."""
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            with context.active(plan, ("stage",) + plan.batch_axes) as active:
+                result = pipelined(params, batch)
+        if plan.remat and not active.layer_called:
+            raise PlanError("the plan asks for remat but the model never wraps a layer in "
+                            "jaxpar.layer; wrap its repeated block or set remat=False")
+        return result
+
+    def init(rng: jax.Array) -> TrainState:
+        with nnx.use_eager_sharding(False):
+            model = model_fn(nnx.Rngs(rng))
+        params = _chunked(pieces, nnx.state(model, nnx.Param).to_pure_dict(), p, v)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, grads = run(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
+        loss, grads = run(_chunked(pieces, params, p, v), batch)
+        return loss, _unchunked(pieces, grads)
+
+    return Pipelined(
+        plan=plan,
+        mesh=mesh,
+        schedule=schedule,
+        init=jax.jit(init, out_shardings=state_sharding),
+        step=jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, replicated), donate_argnums=0),
+        shard_batch=lambda batch: jax.device_put(batch, batch_sharding),
+        params_of=lambda state: _unchunked(pieces, state.params),
+        loss_and_grads=jax.jit(loss_and_grads),
+    )
