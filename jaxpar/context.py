@@ -111,6 +111,10 @@ def layer(fn: Callable) -> Callable:
     if current is None:
         return fn
     current.layer_called = True
+    if not current.manual and not current.plan.remat:
+        # nothing is gathered, so nothing to recompute; a remat here would also copy the
+        # weights into the VJP residuals instead of passing the inputs through (jaxpar.mpmd)
+        return fn
 
     def gathered(module, *args):
         return fn(gather_module(module), *args)

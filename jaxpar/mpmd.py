@@ -1,0 +1,396 @@
+"""The MPMD pipeline runtime: a jitted program per chunk and pass, each on its stage's
+submesh, dispatched from Python in the schedule's order.
+
+Stage r owns the devices `mesh.devices[r]` of the plan's mesh. Inside a stage the plan
+without its `stage` axis lays tensors out, GSPMD-automatic (`jaxpar.constrain` places the
+activations: dp splits the batch over `data`, tp the heads and mlp over `tensor`).
+Chunk c runs on stage c mod p with three programs, all from one `jax.vjp` of the chunk:
+
+- F: forward (chunk 0 first runs `pre`, the last chunk ends with `post` and returns the
+  microbatch loss), returning the output and the VJP residuals. Residuals that are F's own
+  inputs (the weights, the batch) are not returned, since every jit output is a fresh
+  buffer: B is handed those inputs again, so the stash holds activations only.
+- B: the input gradient, with the weight gradient added into the chunk's accumulator in
+  the same pullback. The last chunk starts from d(mean loss)/d(loss) = 1/m.
+
+Zero-bubble schedules run in their order, but B computes both gradients and W has nothing
+left to do. Splitting the weight gradient out of jax's pullback would recompute the
+cotangent chain through the chunk: measured with XLA's cost analysis, an input-gradient-only
+B costs ~0.5 and a weight-gradient-only W ~1.0 of the fused backward, 1.5x the work for a
+split whose gain is idle time, which CPU devices sharing cores do not have. (A split without
+recompute needs B to hand W the intermediate cotangents: a partition of the backward jaxpr.)
+The simulator and the planners price the true split.
+
+Parameters outside the stack (embedding, final norm, ...) live with chunk 0 on stage 0.
+Each step copies them to the last chunk's stage; the gradient `post` gives them comes back
+and is added to chunk 0's. Every chunk has its own optimizer state and update on its stage:
+elementwise optax transforms (sgd, adam, adamw) equal the whole-model update, while one
+that reads a global norm (clip_by_global_norm) would see each chunk's own norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxpar import context
+from jaxpar.devices import make_mesh
+from jaxpar.emit import TrainState, _by_path, _state_sharding
+from jaxpar.pipelined import Pipelined, microbatches
+from jaxpar.plan import Plan, PlanError
+from jaxpar.planners.schedules import Op, Schedule
+from jaxpar.stages import Pieces
+from jaxpar.trace import ModelFn, abstract_params
+
+
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """One pipeline stage: its submesh and the plan inside it."""
+
+    mesh: Mesh
+    plan: Plan
+
+    def sharding(self, spec: PartitionSpec | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, spec or PartitionSpec())
+
+    @property
+    def activations(self) -> NamedSharding:
+        """Activations and their gradients between chunks: split over the batch axes."""
+        return self.sharding(PartitionSpec(self.plan.batch_axes or None))
+
+    def param_shardings(self, shapes: dict) -> dict:
+        """Shardings of a (part of the) model's parameter dict."""
+        return _by_path(shapes, self.plan.params, lambda info, _: self.sharding(
+            context.partition_spec(self.plan.param_layout(info))))
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Trace the model as this stage's plan lays it out."""
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            with context.active(self.plan, ()):
+                yield
+
+
+@dataclasses.dataclass
+class _Residuals:
+    """How B rebuilds F's pullback: its tree, and for each residual the index of the F input
+    it is (handed to B again) or None (returned by F and stashed). F's inputs are
+    (params, batch, x), so the chunk input x is stashed only when a residual is x itself.
+    Recorded while F traces; B and W trace after F, for the same shapes."""
+
+    tree: Any = None
+    source: tuple[int | None, ...] = ()
+    known: int = 0  # leaves of (params, batch): the driver has them without a stash
+    output: jax.ShapeDtypeStruct | None = None
+
+    def split(self, pullback: Any, inputs: tuple) -> list:
+        leaves, self.tree = jax.tree.flatten(pullback)
+        given = jax.tree.leaves(inputs)
+        self.known = len(jax.tree.leaves(inputs[:2]))
+        self.source = tuple(next((i for i, g in enumerate(given) if g is leaf), None)
+                            for leaf in leaves)
+        return [leaf for leaf, i in zip(leaves, self.source) if i is None]
+
+    def pullback(self, kept: list, inputs: tuple) -> Callable:
+        given, kept = jax.tree.leaves(inputs), iter(kept)
+        return jax.tree.unflatten(
+            self.tree, [next(kept) if i is None else given[i] for i in self.source])
+
+    @property
+    def needs_input(self) -> bool:
+        return any(i is not None and i >= self.known for i in self.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """The jitted programs of one chunk on its stage (see the module docstring)."""
+
+    residuals: _Residuals
+    forward: Callable  # (params, batch, x) -> (y, kept)
+    backward: Callable  # (params, batch, x, kept, dy, acc) -> (dx, acc)
+    zeros: Callable  # () -> a zero gradient accumulator
+    uses_batch: bool
+
+
+def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
+           param_shapes: dict) -> _Chunk:
+    """Programs of `chunk`, called with parameters of `param_shapes`."""
+    first, last = chunk == 0, chunk == num_chunks - 1
+    residuals = _Residuals()
+
+    def run(params: dict, x: Any, batch: Any) -> Any:
+        if first:
+            x = pieces.pre(pieces.outer(params), batch)
+        y = pieces.chunk(pieces.stacked(params), x)
+        return pieces.post(pieces.outer(params), y, batch) if last else y
+
+    def forward(params, batch, x):
+        with stage.tracing():
+            y, pullback = jax.vjp(lambda p, h: run(p, h, batch), params, x)
+        residuals.output = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        return y, residuals.split(pullback, (params, batch, x))
+
+    def grads(params, batch, x, kept, dy):
+        if dy is None:  # the loss: each microbatch's is 1/m of the step's
+            dy = jnp.full(residuals.output.shape, 1 / m, residuals.output.dtype)
+        with stage.tracing():
+            return residuals.pullback(kept, (params, batch, x))(dy)
+
+    def backward(params, batch, x, kept, dy, acc):
+        d_params, dx = grads(params, batch, x, kept, dy)
+        return dx, _add(acc, d_params)
+
+    param_shardings = stage.param_shardings(param_shapes)
+    dx_sharding = None if first else stage.activations
+    out_sharding = stage.sharding() if last else stage.activations
+    return _Chunk(
+        residuals=residuals,
+        forward=jax.jit(forward, out_shardings=(out_sharding, None)),
+        backward=jax.jit(backward, out_shardings=(dx_sharding, param_shardings),
+                         donate_argnums=5),
+        zeros=jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes),
+                      out_shardings=param_shardings),
+        uses_batch=first or last,
+    )
+
+
+class _Stash:
+    """What each F left for its backward, by (microbatch, chunk); per rank the most sets and
+    bytes (global, over the stage's devices) held at once."""
+
+    def __init__(self, p: int):
+        self.entries: dict[tuple[int, int], tuple[Any, list]] = {}
+        self.sets, self.bytes = np.zeros(p, np.int64), np.zeros(p, np.int64)
+        self.peak_sets, self.peak_bytes = np.zeros(p, np.int64), np.zeros(p, np.int64)
+
+    def put(self, key: tuple[int, int], rank: int, entry: tuple[Any, list]) -> None:
+        self.entries[key] = entry
+        self.sets[rank] += 1
+        self.bytes[rank] += _nbytes(entry)
+        self.peak_sets[rank] = max(self.peak_sets[rank], self.sets[rank])
+        self.peak_bytes[rank] = max(self.peak_bytes[rank], self.bytes[rank])
+
+    def drop(self, key: tuple[int, int], rank: int) -> None:
+        self.sets[rank] -= 1
+        self.bytes[rank] -= _nbytes(self.entries.pop(key))
+
+
+def _walk(schedule: Schedule, chunks: Sequence[_Chunk], stages: Sequence[_Stage],
+          params: Sequence[dict], batches: dict[int, list]) -> tuple[Any, list, _Stash]:
+    """Run every rank's ops in its order, each as soon as its input is there, one op per
+    rank per sweep so that consecutive dispatches go to different stages. Returns the mean
+    loss, each chunk's summed gradient and the stash's record."""
+    last = schedule.num_chunks - 1
+    inbox: dict[Op, Any] = {}  # an op's input: activation (F), output cotangent (B)
+    stash = _Stash(schedule.p)
+    accs = [chunk.zeros() for chunk in chunks]
+    losses = []
+
+    def run(op: Op) -> None:
+        c, mb, rank = op.chunk, op.microbatch, schedule.rank_of(op.chunk)
+        chunk = chunks[c]
+        batch = batches[rank][mb] if chunk.uses_batch else None
+        if op.kind == "F":
+            x = inbox.pop(op, None)
+            y, kept = chunk.forward(params[c], batch, x)
+            stash.put((mb, c), rank, (x if chunk.residuals.needs_input else None, kept))
+            if c == last:
+                losses.append(y)
+                inbox[Op("B", mb, c)] = None
+            else:
+                inbox[Op("F", mb, c + 1)] = jax.device_put(y, stages[c + 1].activations)
+            return
+        if op.kind == "W":  # B computed the weight gradient (see the module docstring)
+            inbox.pop(op)
+            return
+        x, kept = stash.entries[mb, c]
+        dx, accs[c] = chunk.backward(params[c], batch, x, kept, inbox.pop(op), accs[c])
+        stash.drop((mb, c), rank)
+        if schedule.splits_backward:
+            inbox[Op("W", mb, c)] = None
+        if c > 0:
+            inbox[Op("B", mb, c - 1)] = jax.device_put(dx, stages[c - 1].activations)
+
+    def ready(op: Op) -> bool:
+        return op in inbox or (op.kind == "F" and op.chunk == 0)
+
+    queues = [deque(ops) for ops in schedule.ops]
+    while any(queues):
+        runnable = [q for q in queues if q and ready(q[0])]
+        if not runnable:
+            waiting = ", ".join(str(q[0]) for q in queues if q)
+            raise RuntimeError(f"schedule {schedule.name} deadlocks: every rank waits ({waiting})")
+        for queue in runnable:
+            run(queue.popleft())
+    return jnp.mean(jnp.stack(losses)), accs, stash
+
+
+def _check_chunks(plan: Plan, chunk_layers: Sequence[int]) -> None:
+    """A stack split over a mesh axis inside the stage must split every chunk evenly."""
+    for info in plan.params:
+        if "layers" not in info.logical_axes:
+            continue
+        axes = plan.param_layout(info)[info.logical_axes.index("layers")]
+        size = math.prod(plan.mesh_shape[a] for a in axes)
+        if any(n % size for n in chunk_layers):
+            raise PlanError(f"{info.path}: the layers axis is split over {'x'.join(axes)} "
+                            f"(size {size}) inside each stage, which does not divide the "
+                            f"chunks of {list(chunk_layers)} layers; map `layers` to () or "
+                            f"cut chunks of multiples of {size} layers")
+
+
+class _Runtime:
+    """The stages, the chunks' programs and the shardings of one pipelined plan; its methods
+    are the fields of `Pipelined`. The train state is a tuple of one `TrainState` per chunk,
+    each on its stage."""
+
+    def __init__(self, model_fn: ModelFn, optimizer: optax.GradientTransformation,
+                 plan: Plan, pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
+                 devices: Sequence[jax.Device]):
+        self.model_fn, self.optimizer = model_fn, optimizer
+        self.pieces, self.schedule = pieces, schedule
+        self.mesh = make_mesh(plan, devices)
+        inner = dataclasses.replace(plan, mesh=plan.mesh[1:], microbatches=1, pipeline=None)
+        _check_chunks(inner, chunk_layers)
+        names = tuple(name for name, _ in inner.mesh)
+        self.stages = [_Stage(Mesh(self.mesh.devices[r], names,
+                                   axis_types=(AxisType.Auto,) * len(names)), inner)
+                       for r in range(plan.stages)]
+        self.m, self.stack = plan.microbatches, pieces.stages.stack
+        self.num_chunks = len(chunk_layers)
+        self.last_rank = schedule.rank_of(self.num_chunks - 1)
+        self.last_stage = self.stages[self.last_rank]
+        self.chunk_stage = [self.stages[schedule.rank_of(c)] for c in range(self.num_chunks)]
+        self.ranks = [tuple(range(r, self.num_chunks, plan.stages)) for r in range(plan.stages)]
+        self.bounds = [int(b) for b in np.cumsum([0, *chunk_layers])]
+
+        _, model_shape, _ = abstract_params(model_fn)
+        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), model_shape)
+                  for c in range(self.num_chunks)]
+        self.state_shardings = [
+            _state_sharding(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])[0]
+            for c in range(self.num_chunks)]
+        self.outer_on_last = self.last_stage.param_shardings(pieces.outer(model_shape))
+        run_shapes = shapes[:-1] + [{**pieces.outer(model_shape), **shapes[-1]}]
+        self.chunks = [_chunk(pieces, c, self.num_chunks, self.m, self.chunk_stage[c],
+                              run_shapes[c]) for c in range(self.num_chunks)]
+        self.inits = [jax.jit(functools.partial(self._init_rank, rank=r), out_shardings=tuple(
+            self.state_shardings[c] for c in chunks)) for r, chunks in enumerate(self.ranks)]
+        self.updates = [jax.jit(self._update, donate_argnums=0, out_shardings=(
+            tuple(self.state_shardings[c] for c in chunks), stage.sharding()))
+            for stage, chunks in zip(self.stages, self.ranks)]
+        self.add = jax.jit(_add)
+
+    def chunk_params(self, params: dict, c: int) -> dict:
+        """Chunk c's own parameters: its layers, and for chunk 0 everything outside them."""
+        stacked = self.pieces.stacked(params)
+        layers = {self.stack: self.pieces.layers(stacked, self.bounds[c], self.bounds[c + 1])}
+        return {**self.pieces.outer(params), **layers} if c == 0 else layers
+
+    def join(self, chunk_dicts: Sequence[dict]) -> dict:
+        """A model-structured dict on the host from per-chunk dicts."""
+        layers = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
+                              *[d[self.stack] for d in chunk_dicts])
+        outer = jax.tree.map(np.asarray, self.pieces.outer(chunk_dicts[0]))
+        return {**outer, self.stack: layers}
+
+    def shard_batch(self, batch: Any) -> dict[int, list]:
+        """The microbatches, on the stages that read the batch (the first and the last)."""
+        split = microbatches(batch, self.m)
+        micro = [jax.tree.map(lambda x, j=j: x[j], split) for j in range(self.m)]
+        return {r: jax.device_put(micro, self.stages[r].activations)
+                for r in {0, self.last_rank}}
+
+    def run(self, params: Sequence[dict], batches: dict[int, list]) -> tuple[Any, list, _Stash]:
+        """Loss, per-chunk gradients (chunk 0's hold all the outer ones) and the stash."""
+        outer = self.pieces.outer
+        params = list(params)
+        if self.num_chunks > 1:
+            params[-1] = {**jax.device_put(outer(params[0]), self.outer_on_last), **params[-1]}
+        loss, grads, stash = _walk(self.schedule, self.chunks, self.chunk_stage, params, batches)
+        if self.num_chunks > 1:
+            back = jax.device_put(outer(grads[-1]), outer(self.state_shardings[0].params))
+            grads[0] = {**self.add(outer(grads[0]), back), self.stack: grads[0][self.stack]}
+            grads[-1] = {self.stack: grads[-1][self.stack]}
+        return loss, grads, stash
+
+    def _init_rank(self, rng: jax.Array, rank: int) -> tuple[TrainState, ...]:
+        """Build the whole model and keep this rank's chunks (XLA drops the rest)."""
+        with nnx.use_eager_sharding(False):
+            params = nnx.state(self.model_fn(nnx.Rngs(rng)), nnx.Param).to_pure_dict()
+        states = []
+        for c in self.ranks[rank]:
+            own = self.chunk_params(params, c)
+            states.append(TrainState(jnp.zeros((), jnp.int32), own, self.optimizer.init(own)))
+        return tuple(states)
+
+    def init(self, rng: jax.Array) -> tuple[TrainState, ...]:
+        states = [None] * self.num_chunks
+        for init, stage, chunks in zip(self.inits, self.stages, self.ranks):
+            for c, state in zip(chunks, init(jax.device_put(rng, stage.sharding()))):
+                states[c] = state
+        return tuple(states)
+
+    def _update(self, states: tuple[TrainState, ...], grads: tuple[dict, ...]):
+        """Apply the optimizer to a rank's chunks; also the squared norm of their gradient."""
+        new = []
+        for state, g in zip(states, grads):
+            updates, opt_state = self.optimizer.update(g, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            new.append(TrainState(state.step + 1, params, opt_state))
+        return tuple(new), sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads))
+
+    def step(self, state: tuple[TrainState, ...], batches: dict[int, list]):
+        loss, grads, stash = self.run([s.params for s in state], batches)
+        new, norms = [None] * self.num_chunks, []
+        for update, chunks in zip(self.updates, self.ranks):
+            states, norm = update(tuple(state[c] for c in chunks), tuple(grads[c] for c in chunks))
+            for c, s in zip(chunks, states):
+                new[c] = s
+            norms.append(jax.device_put(norm, self.last_stage.sharding()))
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(norms)),
+                   "peak_stash": stash.peak_sets, "peak_stash_bytes": stash.peak_bytes}
+        return tuple(new), metrics
+
+    def params_of(self, state: tuple[TrainState, ...]) -> dict:
+        return self.join([s.params for s in state])
+
+    def loss_and_grads(self, params: dict, batch: Any) -> tuple[jax.Array, dict]:
+        placed = [jax.device_put(self.chunk_params(params, c), shardings.params)
+                  for c, shardings in enumerate(self.state_shardings)]
+        loss, grads, _ = self.run(placed, self.shard_batch(batch))
+        return loss, self.join(grads)
+
+
+def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
+                     pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
+                     batch: Any, devices: Sequence[jax.Device]) -> Pipelined:
+    """The MPMD form of a checked pipelined plan (see `jaxpar.pipelined`; the caller has
+    checked `batch`). The train state is a tuple of one `TrainState` per chunk, each on its
+    stage; `step`'s metrics add `peak_stash` and `peak_stash_bytes`: per rank, the most
+    (microbatch, chunk) residual sets and bytes it held at once."""
+    del batch
+    rt = _Runtime(model_fn, optimizer, plan, pieces, chunk_layers, schedule, devices)
+    return Pipelined(plan=plan, mesh=rt.mesh, schedule=schedule, init=rt.init, step=rt.step,
+                     shard_batch=rt.shard_batch, params_of=rt.params_of,
+                     loss_and_grads=rt.loss_and_grads)
