@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,9 +12,13 @@ import optax
 from jaxpar.calibration import calibrate
 from jaxpar.emit import LossFn, Parallelized, parallelize
 from jaxpar.graph import trace_graph
+from jaxpar.plan import Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
+from jaxpar.planners.graph import ModelGraph
+from jaxpar.planners.pipeline import plan_pipeline
 from jaxpar.planners.search import plan_sharding
+from jaxpar.stages import Stages
 from jaxpar.trace import ModelFn
 
 
@@ -34,10 +39,15 @@ def auto_parallelize(
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
     max_microbatches: int = 16,
+    pipeline: bool = False,
 ) -> Parallelized:
     """The fastest plan that fits `memory_budget` (default: the devices' memory), laid out
     and jitted like `jaxpar.parallelize`. `cluster` defaults to `calibrate()` of the local
-    devices (measured once, then cached); `plan.explain()` shows the runners-up."""
+    devices (measured once, then cached); `plan.explain()` shows the runners-up.
+
+    With `pipeline=True` (the loss a `jaxpar.Stages`) pipelines are searched too
+    (`planners.pipeline.plan_pipeline`) and run in the MPMD form when one is predicted
+    faster; either way `plan.explain()` says why pipelining won or lost."""
     devices = list(jax.devices() if devices is None else devices)
     cluster = cluster or calibrate(devices)
     if cluster.num_devices != len(devices):
@@ -46,5 +56,26 @@ def auto_parallelize(
     graph = trace_graph(model_fn, loss_fn, batch)
     params_shape = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in graph.params}
     options = Options(optimizer_slots=optimizer_slots(optimizer, params_shape))
-    plan = plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
+    if pipeline:
+        plan = _with_pipelines(graph, cluster, memory_budget, options, loss_fn)
+    else:
+        plan = plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
     return parallelize(model_fn, optimizer, loss_fn, plan, batch, devices)
+
+
+def _with_pipelines(graph: ModelGraph, cluster: Cluster, memory_budget: float | None,
+                    options: Options, loss_fn: LossFn) -> Plan:
+    """The faster of the best pipeline and the best plan without one."""
+    if not isinstance(loss_fn, Stages):
+        raise PlanError("pipeline=True needs the loss as a jaxpar.Stages (what runs before, in "
+                        f"and after the layer stack); got {type(loss_fn).__name__}")
+    try:
+        best = plan_pipeline(graph, cluster, memory_budget, options)
+    except PlanError:  # no pipeline fits: the flat search says what would
+        return plan_sharding(graph, cluster, memory_budget, options)
+    if best.pipelined:
+        return best.to_plan("mpmd")
+    lost = Alternative(f"best pipeline: {best.name}", best.step_s, best.memory_bytes,
+                       f"{best.step_s / best.flat.predicted.step_s - 1:+.1%} step time "
+                       f"(bubble {best.bubble_fraction:.1%})")
+    return dataclasses.replace(best.flat, alternatives=(lost,) + best.flat.alternatives)

@@ -368,7 +368,8 @@ class Plan:
         if self.predicted is None:
             return f"Plan {self.name or '(unnamed)'} was given by hand: nothing was searched."
         pr = self.predicted
-        gap = "proven optimal" if not pr.gap else f"MIP gap {pr.gap:.2%}"
+        gap = ("not proven optimal: pruned search" if pr.gap is None else
+               "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
         lines = [f"Plan {self.name}: predicted step {pr.step_s * 1e3:.2f} ms, "
                  f"{pr.total_bytes / 2**30:.2f} GiB per device ({gap})"]
         if self.alternatives:
