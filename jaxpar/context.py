@@ -25,13 +25,13 @@ GATHERED = "jaxpar_gathered"
 
 
 @dataclasses.dataclass
-class _Active:
+class Active:
     plan: Plan
     manual: tuple[str, ...]
     layer_called: bool = False
 
 
-_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("jaxpar", default=None)
+_ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("jaxpar", default=None)
 
 
 def partition_spec(layout: Layout, keep: Callable[[str], bool] = lambda _: True) -> PartitionSpec:
@@ -41,9 +41,9 @@ def partition_spec(layout: Layout, keep: Callable[[str], bool] = lambda _: True)
 
 
 @contextlib.contextmanager
-def active(plan: Plan, manual: Sequence[str]) -> Iterator[_Active]:
+def active(plan: Plan, manual: Sequence[str]) -> Iterator[Active]:
     """Make `plan` the one `constrain` and `layer` follow, with `manual` mesh axes manual."""
-    token = _ACTIVE.set(_Active(plan, tuple(manual)))
+    token = _ACTIVE.set(Active(plan, tuple(manual)))
     try:
         yield _ACTIVE.get()
     finally:

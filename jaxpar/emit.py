@@ -9,6 +9,7 @@ docs/plans.md), accumulates microbatches, and applies the optax update to the do
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -53,19 +54,19 @@ class Parallelized:
         return self.step.lower(self.abstract_state, batch)
 
 
-def _by_path(params: dict, infos: Sequence[ParamInfo], fn: Callable[[ParamInfo, Any], Any]):
+def by_path(params: dict, infos: Sequence[ParamInfo], fn: Callable[[ParamInfo, Any], Any]):
     """Map `fn(info, leaf)` over a parameter pytree."""
     table = {info.path: info for info in infos}
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(table[path_str(p)], x), params)
 
 
-def _state_sharding(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransformation,
+def state_sharding_of(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransformation,
                     params_shape: dict) -> tuple[TrainState, TrainState]:
     """Shardings of the train state and its abstract value (ShapeDtypeStructs)."""
     def sharding(layout):
         return NamedSharding(mesh, context.partition_spec(layout))
 
-    param_shardings = _by_path(params_shape, plan.params,
+    param_shardings = by_path(params_shape, plan.params,
                                lambda i, _: sharding(plan.param_layout(i)))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shape = jax.eval_shape(optimizer.init, params_shape)
@@ -73,7 +74,7 @@ def _state_sharding(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransformat
         optimizer,
         lambda _, s: s,
         opt_shape,
-        _by_path(params_shape, plan.params, lambda i, _: sharding(plan.optimizer_layout(i))),
+        by_path(params_shape, plan.params, lambda i, _: sharding(plan.optimizer_layout(i))),
         transform_non_params=lambda _: replicated,
     )
     state_sharding = TrainState(replicated, param_shardings, opt_shardings)
@@ -85,6 +86,30 @@ def _state_sharding(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransformat
     return state_sharding, abstract_state
 
 
+def init_state(model_fn: ModelFn, optimizer: optax.GradientTransformation, rng: jax.Array,
+               layout: Callable[[dict], dict] = lambda params: params) -> TrainState:
+    """Step 0: the model's parameters (in the runtime's `layout`) and optimizer state; jit it
+    with output shardings so each device creates only its shard."""
+    with nnx.use_eager_sharding(False):
+        model = model_fn(nnx.Rngs(rng))
+    params = layout(nnx.state(model, nnx.Param).to_pure_dict())
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,
+                    grads: dict) -> TrainState:
+    """One optax update of `state` by `grads`."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+
+
+def require_layer(plan: Plan, active: context.Active) -> None:
+    """A plan with remat needs the model to have marked its layer (else remat is a no-op)."""
+    if plan.remat and not active.layer_called:
+        raise PlanError("the plan asks for remat but the model never wraps a layer in "
+                        "jaxpar.layer; wrap its repeated block or set remat=False")
+
+
 def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn,
                     params_shape: dict) -> Callable[[dict, Any], tuple[jax.Array, dict]]:
     """(params, batch) -> (mean loss, mean gradient), laid out as the plan says."""
@@ -93,7 +118,7 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
 
     def local_loss(params: dict, batch: Any) -> jax.Array:
         # parameters of the repeated layer are gathered by `jaxpar.layer`, the rest here
-        params = _by_path(params, plan.params, lambda i, x: x if "layers" in i.logical_axes
+        params = by_path(params, plan.params, lambda i, x: x if "layers" in i.logical_axes
                           else context.gather(x, plan.param_layout(i)))
         return loss_fn(nnx.merge(graphdef, params), batch)
 
@@ -104,7 +129,7 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
         """On one batch shard. Autodiff of the gathers emits the gradient reduce-scatters
         (per microbatch); the parameters replicated over manual axes are marked varying
         first, so their gradients are all-reduced once per step, after accumulation."""
-        params = _by_path(params, plan.params, lambda i, x: jax.lax.pcast(
+        params = by_path(params, plan.params, lambda i, x: jax.lax.pcast(
             x, replicated_over(i), to="varying") if replicated_over(i) else x)
         if m == 1:
             loss, grads = jax.value_and_grad(local_loss)(params, batch)
@@ -120,14 +145,14 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
             (loss, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
         if manual:
             loss = jax.lax.pmean(loss, manual)
-        grads = _by_path(grads, plan.params, lambda i, g: jax.lax.psum(g, replicated_over(i))
+        grads = by_path(grads, plan.params, lambda i, g: jax.lax.psum(g, replicated_over(i))
                          if replicated_over(i) else g)
         scale = 1 / (m * plan.data_parallel_size)
         return loss / m, jax.tree.map(lambda g: g * scale, grads)
 
     if not manual:
         return local_loss_and_grads
-    param_specs = _by_path(params_shape, plan.params, lambda i, _: context.partition_spec(
+    param_specs = by_path(params_shape, plan.params, lambda i, _: context.partition_spec(
         plan.param_layout(i), keep=lambda a: a in manual))
     return jax.shard_map(
         local_loss_and_grads,
@@ -167,28 +192,18 @@ def parallelize(
     for leaf in jax.tree.leaves(batch):
         plan.check_batch(leaf.shape[0])
     mesh = make_mesh(plan, devices)
-    state_sharding, abstract_state = _state_sharding(plan, mesh, optimizer, params_shape)
+    state_sharding, abstract_state = state_sharding_of(plan, mesh, optimizer, params_shape)
     batch_sharding = jax.tree.map(
         lambda _: NamedSharding(mesh, PartitionSpec(plan.batch_axes or None)), batch)
     loss_and_grads = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape)
-
-    def init(rng: jax.Array) -> TrainState:
-        with nnx.use_eager_sharding(False):
-            model = model_fn(nnx.Rngs(rng))
-        params = nnx.state(model, nnx.Param).to_pure_dict()
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             with context.active(plan, plan.batch_axes) as active:
                 loss, grads = loss_and_grads(state.params, batch)
-        if plan.remat and not active.layer_called:
-            raise PlanError("the plan asks for remat but the model never wraps a layer in "
-                            "jaxpar.layer; wrap its repeated block or set remat=False")
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        require_layer(plan, active)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return apply_gradients(optimizer, state, grads), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return Parallelized(
@@ -197,7 +212,8 @@ def parallelize(
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
         abstract_state=abstract_state,
-        init=jax.jit(init, out_shardings=state_sharding),
+        init=jax.jit(functools.partial(init_state, model_fn, optimizer),
+                     out_shardings=state_sharding),
         step=jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, replicated), donate_argnums=0),
     )

@@ -47,7 +47,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
 from jaxpar.devices import make_mesh
-from jaxpar.emit import TrainState, _by_path, _state_sharding
+from jaxpar.emit import TrainState, apply_gradients, by_path, state_sharding_of
 from jaxpar.pipelined import Pipelined, microbatches
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.schedules import Op, Schedule
@@ -80,7 +80,7 @@ class _Stage:
 
     def param_shardings(self, shapes: dict) -> dict:
         """Shardings of a (part of the) model's parameter dict."""
-        return _by_path(shapes, self.plan.params, lambda info, _: self.sharding(
+        return by_path(shapes, self.plan.params, lambda info, _: self.sharding(
             context.partition_spec(self.plan.param_layout(info))))
 
     @contextlib.contextmanager
@@ -288,7 +288,7 @@ class _Runtime:
         shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), model_shape)
                   for c in range(self.num_chunks)]
         self.state_shardings = [
-            _state_sharding(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])[0]
+            state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])[0]
             for c in range(self.num_chunks)]
         self.outer_on_last = self.last_stage.param_shardings(pieces.outer(model_shape))
         run_shapes = shapes[:-1] + [{**pieces.outer(model_shape), **shapes[-1]}]
@@ -355,9 +355,7 @@ class _Runtime:
         """Apply the optimizer to a rank's chunks; also the squared norm of their gradient."""
         new = []
         for state, g in zip(states, grads):
-            updates, opt_state = self.optimizer.update(g, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            new.append(TrainState(state.step + 1, params, opt_state))
+            new.append(apply_gradients(self.optimizer, state, g))
         return tuple(new), sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads))
 
     def step(self, state: tuple[TrainState, ...], batches: dict[int, list]):

@@ -27,13 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
 from jaxpar.devices import make_mesh
-from jaxpar.emit import TrainState, _by_path
+from jaxpar.emit import TrainState, apply_gradients, by_path, init_state, require_layer
 from jaxpar.pipelined import Pipelined, microbatches
 from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
 from jaxpar.planners.schedules import Op, Schedule
@@ -118,7 +117,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
                                                 to="varying"), tree)
 
     def gathered(outer: dict) -> dict:
-        return _by_path(outer, plan.params,
+        return by_path(outer, plan.params,
                         lambda i, x: context.gather(x, plan.param_layout(i)))
 
     def pre(outer: dict, batch: Any) -> jax.Array:
@@ -129,7 +128,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
 
     def local(params: dict, batch: Any) -> tuple[jax.Array, dict]:
         # marked varying so that gradients stay per device until the one psum at the end
-        params = _by_path(params, plan.params, lambda i, x: lax.pcast(
+        params = by_path(params, plan.params, lambda i, x: lax.pcast(
             x, replicated_over(i), to="varying") if replicated_over(i) else x)
         outer = pieces.outer(params)
         stack = jax.tree.map(lambda w: w[:, 0], pieces.stacked(params))  # (v, k, ...)
@@ -188,7 +187,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         carry = zeros((*buffers, (stack, outer, loss)))
         (_, _, (d_stack, d_outer, loss)), _ = lax.scan(tick, carry, rows)
         grads = pieces.join(d_outer, jax.tree.map(lambda g: g[:, None], d_stack))
-        grads = _by_path(grads, plan.params, lambda i, g: lax.psum(g, replicated_over(i))
+        grads = by_path(grads, plan.params, lambda i, g: lax.psum(g, replicated_over(i))
                          if replicated_over(i) else g)
         loss = lax.psum(loss, "stage") / m
         if plan.batch_axes:
@@ -196,7 +195,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         scale = 1 / (m * plan.data_parallel_size)
         return loss, jax.tree.map(lambda g: g * scale, grads)
 
-    specs = _by_path(chunked_shape, plan.params, lambda i, _: context.partition_spec(
+    specs = by_path(chunked_shape, plan.params, lambda i, _: context.partition_spec(
         layout(i), keep=lambda a: a in manual))
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, PartitionSpec(plan.batch_axes or None)),
                          out_specs=(PartitionSpec(), specs), axis_names=set(manual))
@@ -219,7 +218,7 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     _, params_shape, _ = abstract_params(model_fn)
     chunked_shape = jax.eval_shape(lambda x: _chunked(pieces, x, p, v), params_shape)
     replicated = NamedSharding(mesh, PartitionSpec())
-    param_sharding = _by_path(chunked_shape, plan.params, lambda i, _: NamedSharding(
+    param_sharding = by_path(chunked_shape, plan.params, lambda i, _: NamedSharding(
         mesh, context.partition_spec(layout(i))))
     opt_sharding = optax.tree_map_params(
         optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, chunked_shape),
@@ -234,23 +233,16 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             with context.active(plan, ("stage",) + plan.batch_axes) as active:
                 result = pipelined(params, batch)
-        if plan.remat and not active.layer_called:
-            raise PlanError("the plan asks for remat but the model never wraps a layer in "
-                            "jaxpar.layer; wrap its repeated block or set remat=False")
+        require_layer(plan, active)
         return result
 
     def init(rng: jax.Array) -> TrainState:
-        with nnx.use_eager_sharding(False):
-            model = model_fn(nnx.Rngs(rng))
-        params = _chunked(pieces, nnx.state(model, nnx.Param).to_pure_dict(), p, v)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        return init_state(model_fn, optimizer, rng, lambda x: _chunked(pieces, x, p, v))
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         loss, grads = run(state.params, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return apply_gradients(optimizer, state, grads), metrics
 
     def loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
         loss, grads = run(_chunked(pieces, params, p, v), batch)

@@ -97,18 +97,6 @@ def test_stash_follows_the_schedule():
             assert layers * activation <= per_set < (layers + 1) * activation
 
 
-@pytest.fixture
-def compiles():
-    """The number of XLA compilations while the test runs."""
-    events = []
-
-    def listen(event, _duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 LAYERS_OVER_DATA = tuple((name, ("data",) if name == "layers" else axes)
