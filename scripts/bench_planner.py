@@ -67,6 +67,7 @@ from jaxpar.planners.search import (
     plan_sharding,
     replicate_over_fsdp,
 )
+from jaxpar.report import json_safe, text_table
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -127,46 +128,6 @@ QUICK = Settings(QUICK_CASES, "sharded", rounds=1, steps_per_round=3, min_clean=
 
 
 # ================================================================ small helpers
-def clean(x: Any) -> Any:
-    """JSON-safe: NaN and inf become None, numpy scalars Python numbers, tuples lists."""
-    if isinstance(x, dict):
-        return {str(k): clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def text_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A plain-text table, numbers right-aligned."""
-    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if n and _numeric(c) else c.ljust(w)
-                               for c, w in zip(r, widths)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(c: Any) -> str:
-    if isinstance(c, float):
-        return "-" if not math.isfinite(c) else f"{c:.3g}" if abs(c) < 100 else f"{c:.0f}"
-    return "-" if c is None else str(c)
-
-
-def _numeric(c: str) -> bool:
-    try:
-        float(c.rstrip("%x"))
-        return True
-    except ValueError:
-        return False
-
-
 def example_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab, (batch, cfg.length + 1))
     return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
@@ -718,8 +679,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["targets"] = targets(result)
     result["meta"]["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(clean(result), indent=1) + "\n")
-    print(f"\ntargets: {json.dumps(clean(result['targets']))}")
+    args.out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    print(f"\ntargets: {json.dumps(json_safe(result['targets']))}")
     print(f"wrote {args.out} in {result['meta']['wall_s']:.0f} s")
     return result
 
