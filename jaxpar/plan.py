@@ -200,7 +200,15 @@ class Plan:
     def layout(self, logical_axes: Sequence[str | None], path: str | None = None) -> Layout:
         """Mesh axes of each dimension, resolved as Flax does: rules in order, each logical
         name takes the first rule whose mesh axes this tensor has not used yet. Mesh axes
-        of size 1 (and absent ones) drop out."""
+        of size 1 (and absent ones) drop out. Memoised per plan: planners ask for the
+        same layouts hundreds of thousands of times."""
+        key = (tuple(logical_axes), path)
+        cache = self.__dict__.setdefault("_layouts", {})
+        if key not in cache:
+            cache[key] = self._resolve(key[0], path)
+        return cache[key]
+
+    def _resolve(self, logical_axes: tuple[str | None, ...], path: str | None) -> Layout:
         rules = self.rules_for(path)
         known = {name for name, _ in rules}
         for name in logical_axes:
