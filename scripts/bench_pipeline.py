@@ -54,6 +54,7 @@ from jaxpar.report import json_safe, text_table
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_CSV = ROOT / "data" / "megatron_gpt_configs.csv"
 NUM_DEVICES = 8
+EXECUTED_AS_PRICED = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +187,10 @@ def megatron(settings: Settings) -> list[dict]:
             pick, step, remat = pp.name, pp.step_s, pp.stage_plan.remat
         else:
             pick, step, remat = pp.flat.name, pp.flat.predicted.step_s, pp.flat.remat
+        # ZB-H1 picks are priced with the true B / W split, which the MPMD runtime does not
+        # realise yet (docs/pipeline.md): the best pick among the schedules it runs as priced
+        executed = plan_pipeline(graph, cluster, options=MIXED, schedules=EXECUTED_AS_PRICED)
+        executed_step = executed.step_s if executed.pipelined else executed.flat.predicted.step_s
         paper = paper_step(graph, cluster, row)
         flops = {"pick": step_flops(graph, remat), "paper": step_flops(graph, True)}
         per = {k: 1e12 * row["gpus"] * s for k, s in (("pick", step), ("paper", paper))}
@@ -194,6 +199,8 @@ def megatron(settings: Settings) -> list[dict]:
             "batch": row["global_batch"], "paper": f"t{row['t']} p{row['p']} "
             f"d{row['gpus'] // (row['t'] * row['p'])}", "pick": pick, "plan_s": plan_s,
             "pick_step_s": step, "paper_step_s": paper,
+            "pick_without_zb": executed.name if executed.pipelined else executed.flat.name,
+            "pick_without_zb_step_s": executed_step,
             "pick_model_tflops": flops["pick"][0] / per["pick"],
             "pick_hardware_tflops": flops["pick"][1] / per["pick"],
             "paper_model_tflops": flops["paper"][0] / per["paper"],
@@ -230,10 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n== Megatron-LM table, planned (A100-80GB, mixed precision, efficiency 1.0)")
     result["megatron"] = megatron(settings)
     print(text_table(["model", "GPUs", "paper", "pick", "plan s", "pick TF/s model/hw",
-                      "paper TF/s model/hw"],
+                      "paper TF/s model/hw", "pick/paper", "no-ZB pick/paper"],
                      [[r["model"], r["gpus"], r["paper"], r["pick"], f"{r['plan_s']:.2f}",
                        f"{r['pick_model_tflops']:.0f}/{r['pick_hardware_tflops']:.0f}",
-                       f"{r['paper_model_tflops']:.0f}/{r['paper_hardware_tflops']:.0f}"]
+                       f"{r['paper_model_tflops']:.0f}/{r['paper_hardware_tflops']:.0f}",
+                       f"{r['pick_step_s'] / r['paper_step_s']:.2f}",
+                       f"{r['pick_without_zb_step_s'] / r['paper_step_s']:.2f}"]
                       for r in result["megatron"]]))
 
     print("\n== measured, 8 CPU devices", flush=True)
@@ -265,7 +274,9 @@ def targets(result: dict) -> dict:
         "max_megatron_plan_s": max(r["plan_s"] for r in rows),
         "megatron_plan_under_10s": all(r["plan_s"] < 10 for r in rows),
         "pick_at_least_as_fast_as_paper": all(r["pick_step_s"] <= r["paper_step_s"] * (1 + 1e-9)
-                                              for r in rows)}
+                                              for r in rows),
+        "pick_without_zb_at_least_as_fast_as_paper": all(
+            r["pick_without_zb_step_s"] <= r["paper_step_s"] * (1 + 1e-9) for r in rows)}
 
 
 if __name__ == "__main__":
