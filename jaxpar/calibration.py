@@ -1,9 +1,10 @@
 """Measure the local devices and describe them as a `Cluster` with calibrated figures.
 
 Datasheets say nothing about the CPU mesh and flatter real hardware, so `calibrate()` times
-matmuls, memory streaming and collectives on the devices it runs on, fits the alpha-beta
-collective model the planners use (per collective kind), and caches the result (with the raw
-timings, for fit-quality reports) as JSON.
+matmuls, memory streaming and collectives on the devices it runs on, fits the collective
+model the planners use (latency growing with the participants, plus bytes over bandwidth),
+and caches the result (with the raw timings and per-kind fits, for fit-quality reports) as
+JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from scipy.optimize import nnls
 from tqdm import tqdm
 
 from jaxpar.devices import _host_memory_bytes
@@ -33,7 +35,7 @@ STREAM_BYTES = 64 * 2**20  # per device: far beyond any cache, as a model's para
 _STREAM_PASSES = 4  # read-modify-write passes over the buffer in one program
 _REPEATS = 5  # timed calls per measurement, after one warm-up call
 _LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
-_CACHE_FORMAT = 2  # bump when the cached record changes: older caches are measured again
+_CACHE_FORMAT = 3  # bump when the cached record changes: older caches are measured again
 
 
 def ring_factor(kind: str, group: int) -> float:
@@ -44,15 +46,19 @@ def ring_factor(kind: str, group: int) -> float:
 
 
 def fit_alpha_beta(points: Sequence[dict]) -> dict[str, float]:
-    """Least-squares fit of `seconds = latency + ring_factor * bytes / bandwidth` over
-    measured `points` ({kind, group, bytes, seconds}), weighted by 1/seconds so that small
-    and large messages count alike (minimises relative error)."""
+    """Non-negative least-squares fit of
+    `seconds = latency + (group - 1) latency_per_device + ring_factor * bytes / bandwidth`
+    over measured `points` ({kind, group, bytes, seconds}), weighted by 1/seconds so that
+    small and large messages count alike (minimises relative error). The per-participant
+    term is the rendezvous: a collective starts when its last device arrives."""
     t = np.array([p["seconds"] for p in points])
-    x = np.array([ring_factor(p["kind"], p["group"]) * p["bytes"] for p in points])
-    (alpha, beta), *_ = np.linalg.lstsq(np.stack([1 / t, x / t], axis=1), np.ones_like(t))
+    x = np.array([[1.0, p["group"] - 1, ring_factor(p["kind"], p["group"]) * p["bytes"]]
+                  for p in points])
+    (alpha, per_device, beta), _ = nnls(x / t[:, None], np.ones_like(t))
     if alpha <= 0 or beta <= 0:
-        raise RuntimeError(f"alpha-beta fit is not positive: alpha={alpha}, beta={beta}")
-    return {"latency": float(alpha), "bandwidth": float(1 / beta)}
+        raise RuntimeError(f"collective fit is not positive: latency={alpha}, 1/bandwidth={beta}")
+    return {"latency": float(alpha), "latency_per_device": float(per_device),
+            "bandwidth": float(1 / beta)}
 
 
 def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path | None = None,
@@ -63,12 +69,19 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
     `peak_flops` is the per-device fp32 matmul rate while *all* devices run a matmul at once
     (total rate / device count): the planner's steps keep every device busy, and simulated
     CPU devices share the host's cores, so the single-device rate (also recorded) would
-    overstate them n-fold. `memory_bandwidth` is likewise per device with all devices
-    streaming a 64 MiB buffer each (an elementwise update, read and written). Collectives
-    are timed for every group size dividing the device count and 4 KiB-16 MiB messages and
-    fitted to latency + bytes/bandwidth: per kind into `intra_node_collectives`, and over all
-    kinds into the intra- and inter-node link figures (one machine: the same). Memory is the
-    device's `bytes_limit`, else host RAM / devices.
+    overstate them n-fold. Collectives are timed for every group size dividing the device
+    count and 4 KiB-16 MiB messages and fitted over all kinds to latency + latency per
+    participant + bytes / bandwidth: the intra- and inter-node link figures (one machine:
+    the same). Memory is the device's `bytes_limit`, else host RAM / devices.
+
+    Recorded but not applied (the record's `fits` per kind and `memory`, the rate of an
+    elementwise update streaming 64 MiB per device): inside a training step on devices that
+    share host cores a collective costs several times its isolated figures, and not in the
+    per-kind order (a profiled tensor-parallel step spent 4-5x the isolated time in each
+    all-reduce, the fastest kind alone, mostly waiting at its rendezvous for time-sliced
+    devices). With collectives costed at isolated figures, per-kind figures and the
+    memory-bound update term each rank the benchmark's plans worse than the fit over all
+    kinds alone (docs/planner.md has the numbers).
     """
     devices = list(jax.local_devices() if devices is None else devices)
     path = _cache_path(devices, cache_dir)
@@ -86,9 +99,7 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
         memory_bytes=stats.get("bytes_limit") or _host_memory_bytes() / len(devices),
         intra_node_bandwidth=link["bandwidth"], intra_node_latency=link["latency"],
         inter_node_bandwidth=link["bandwidth"], inter_node_latency=link["latency"],
-        memory_bandwidth=record["memory"]["all_devices"],
-        intra_node_collectives={kind.replace("_", "-"): record["fits"][kind] for kind in KINDS},
-        source="calibrated")
+        latency_per_device=link["latency_per_device"], source="calibrated")
     record["cluster"] = dataclasses.asdict(cluster)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -16,12 +16,19 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from jaxpar.plan import Layout, Plan, PlanError
 
-GATHERED = "jaxpar_gathered"
+
+def _save_all_but_gathers(primitive, *_, **__) -> bool:
+    """Remat policy of a layer without remat: save every intermediate except all-gather
+    results, so the backward pass gathers the weights again rather than holding every layer's
+    gathered copy from forward to backward. The weights must be refused at the all_gather:
+    refusing a name (`checkpoint_name`) on them saves the gather's output, the same bytes,
+    in its place. Inside a layer the only all-gathers are jaxpar's (models leave the
+    automatic axes to GSPMD)."""
+    return primitive is not jax.lax.all_gather_p
 
 
 @dataclasses.dataclass
@@ -66,15 +73,33 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def gather(x: jax.Array, layout: Layout) -> jax.Array:
     """All-gather the manual-axis shards of a parameter laid out as `layout` into its full
-    (auto-sharded) value."""
+    (auto-sharded) value; autodiff makes the transpose a reduce-scatter of the gradient.
+
+    A parameter also split over an automatic axis (`tensor`) is gathered inside a `shard_map`
+    manual over those axes too, whose specs are its automatic layout: each device then
+    gathers (and reduce-scatters) only its 1/t slice. A bare all_gather over a manual axis
+    makes XLA first replicate the operand over the automatic ones, so every device would
+    gather whole weights. A dimension split over both manual and automatic axes is left
+    whole in those specs (gathering blocks spread across two axes would reorder them)."""
     current = _ACTIVE.get()
     if current is None:
         return x
-    for dim, axes in enumerate(layout):
-        manual = tuple(a for a in axes if a in current.manual)
-        if manual:
-            x = jax.lax.all_gather(x, manual, axis=dim, tiled=True)
-    return checkpoint_name(x, GATHERED)
+    manual = [tuple(a for a in axes if a in current.manual) for axes in layout]
+    if not any(manual):
+        return x
+
+    def all_gather(v: jax.Array) -> jax.Array:
+        for dim, axes in enumerate(manual):
+            if axes:
+                v = jax.lax.all_gather(v, axes, axis=dim, tiled=True)
+        return v
+
+    kept = [() if gathered else tuple(axes) for gathered, axes in zip(manual, layout)]
+    split = {a for axes in kept for a in axes}
+    if not split:
+        return all_gather(x)
+    spec = PartitionSpec(*(axes or None for axes in kept))
+    return jax.shard_map(all_gather, in_specs=spec, out_specs=spec, axis_names=split)(x)
 
 
 def _layer_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -> Layout:
@@ -121,5 +146,4 @@ def layer(fn: Callable) -> Callable:
 
     if current.plan.remat:
         return nnx.remat(gathered)
-    return nnx.remat(gathered, policy=jax.checkpoint_policies.save_anything_except_these_names(
-        GATHERED))
+    return nnx.remat(gathered, policy=_save_all_but_gathers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -37,9 +38,8 @@ def local_cluster(devices: Sequence[jax.Device] | None = None) -> Cluster:
     for key, preset in _KNOWN_KINDS.items():
         if key in kind:
             base = preset(per_node) if key.startswith("TPU") else preset(nodes)
-            return Cluster(kind, nodes, per_node, base.peak_flops, base.memory_bytes,
-                           base.intra_node_bandwidth, base.intra_node_latency,
-                           base.inter_node_bandwidth, base.inter_node_latency)
+            return dataclasses.replace(base, name=kind, num_nodes=nodes,
+                                       devices_per_node=per_node)
     stats = devices[0].memory_stats() or {}
     memory = stats.get("bytes_limit") or _host_memory_bytes() / len(devices)
     return Cluster(kind, nodes, per_node, peak_flops=1e11, memory_bytes=memory,

@@ -20,8 +20,10 @@ COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 class Cluster:
     """`memory_bandwidth`: bytes/s one device streams through its memory while every device
     is busy (inf: memory-bound work is not costed). `intra_node_collectives`: measured
-    {"bandwidth", "latency"} per collective kind inside a node, as `calibrate()` fits them;
-    a kind absent from it uses `intra_node_bandwidth` / `intra_node_latency`."""
+    {"bandwidth", "latency"} per collective kind inside a node; a kind absent from it uses
+    `intra_node_bandwidth` / `intra_node_latency`. `latency_per_device`: the latency each
+    participant of a collective adds beyond the first (a rendezvous waits for every one; on
+    devices that share host cores that is measurable, `calibrate()` fits it; datasheets: 0)."""
 
     name: str
     num_nodes: int
@@ -33,6 +35,7 @@ class Cluster:
     inter_node_bandwidth: float
     inter_node_latency: float
     memory_bandwidth: float = math.inf
+    latency_per_device: float = 0.0
     intra_node_collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     source: str = "datasheet"
 
@@ -41,6 +44,9 @@ class Cluster:
                       "memory_bandwidth"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"Cluster.{field} must be positive, got {getattr(self, field)}")
+        if self.latency_per_device < 0:
+            raise ValueError(f"Cluster.latency_per_device must be >= 0, got "
+                             f"{self.latency_per_device}")
         unknown = set(self.intra_node_collectives) - set(COLLECTIVE_KINDS)
         if unknown:
             raise ValueError(f"Cluster.intra_node_collectives has unknown kinds {sorted(unknown)}; "
@@ -54,16 +60,21 @@ class Cluster:
     def physical_mesh(self) -> dict[str, int]:
         return {"node": self.num_nodes, "device": self.devices_per_node}
 
-    def link(self, group_size: int, stride: int, kind: str | None = None) -> tuple[float, float]:
+    def link(self, group_size: int, stride: int, kind: str | None = None,
+             span: int | None = None) -> tuple[float, float]:
         """(bandwidth, latency) of a collective of `kind` over `group_size` devices `stride`
-        apart: it stays on the fast links only if the whole group lies within one node, where
-        the kind's own measured figures apply if there are any."""
-        if stride * (group_size - 1) >= self.devices_per_node:
-            return self.inter_node_bandwidth, self.inter_node_latency
+        apart (or spread over `span + 1` consecutive device ids, for a group over several mesh
+        axes): it stays on the fast links only if the whole group lies within one node, where
+        the kind's own measured figures apply if there are any. The latency grows by
+        `latency_per_device` per participant beyond the first."""
+        span = stride * (group_size - 1) if span is None else span
+        extra = self.latency_per_device * (group_size - 1)
+        if span >= self.devices_per_node:
+            return self.inter_node_bandwidth, self.inter_node_latency + extra
         figures = self.intra_node_collectives.get(kind)
         if figures:
-            return figures["bandwidth"], figures["latency"]
-        return self.intra_node_bandwidth, self.intra_node_latency
+            return figures["bandwidth"], figures["latency"] + extra
+        return self.intra_node_bandwidth, self.intra_node_latency + extra
 
     def with_nodes(self, num_nodes: int) -> Cluster:
         return dataclasses.replace(self, num_nodes=num_nodes)

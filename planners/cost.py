@@ -7,15 +7,17 @@ writing each microbatch's weight gradient, adding it into the running sum, and t
 update; bytes / the cluster's memory bandwidth. Collectives follow the alpha-beta model with
 ring factors: all-reduce 2(n-1)/n B/bw, all-gather, reduce-scatter and all-to-all
 (n-1)/n B/bw, where B is the full buffer on one device (the all-gather's result, the
-reduce-scatter's operand), on the link figures of the collective's kind. A collective over a
-mesh axis runs on the links its device stride reaches (inside a node or across nodes).
+reduce-scatter's operand), on the link figures of the collective's kind, with a latency that
+grows with the participants (`Cluster.latency_per_device`: a collective starts when its last
+device arrives). A collective over a mesh axis runs on the links its device stride reaches
+(inside a node or across nodes).
 
 What the emitter does, which this mirrors (docs/plans.md): per microbatch, a layer's
-fsdp-sharded parameters are all-gathered in the forward pass and again in the backward
-pass, and their gradients reduce-scattered; gradients are all-reduced over the
-data-parallel axes they are replicated on once per step; Megatron matmuls all-reduce
-their output (forward, contracted dimension split) or their input gradient (backward, kept
-dimension split) over `tensor`, per microbatch.
+fsdp-sharded parameters (each device its `tensor` slice of them) are all-gathered in the
+forward pass and again in the backward pass, and their gradients reduce-scattered;
+gradients are all-reduced over the data-parallel axes they are replicated on once per step;
+Megatron matmuls all-reduce their output (forward, contracted dimension split) or their
+input gradient (backward, kept dimension split) over `tensor`, per microbatch.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Terms:
 
     compute_s: float = 0.0
     memory_s: float = 0.0
+    microbatch_memory_s: float = 0.0  # the share of memory_s each further microbatch adds
     communication_s: float = 0.0
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=_zeros)
     memory: dict[str, float] = dataclasses.field(default_factory=_zeros)
@@ -79,14 +82,15 @@ class Terms:
 def link(cluster: Cluster, plan: Plan, axes: tuple[str, ...],
          kind: str | None = None) -> tuple[float, float]:
     """(bandwidth, latency) of a collective of `kind` over mesh `axes`: devices are laid out
-    row-major over the mesh, so an axis' stride is the product of the later axes' sizes."""
+    row-major over the mesh, so an axis' stride is the product of the later axes' sizes, and
+    the group spans the sum of stride x (size - 1) over its axes."""
     names = [name for name, _ in plan.mesh]
     sizes = plan.mesh_shape
     span = 0
     for axis in axes:
         stride = math.prod(sizes[b] for b in names[names.index(axis) + 1:])
         span += stride * (sizes[axis] - 1)
-    return cluster.link(span + 1, 1, kind)
+    return cluster.link(_size(plan, axes), 1, kind, span=span)
 
 
 def _size(plan: Plan, axes) -> int:
@@ -176,6 +180,7 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
         gradient = p.nbytes / _size(plan, auto[p.path])
         t.memory_s += streamed_bytes(gradient, shard, opt, m, options.optimizer_slots
                                      ) / cluster.memory_bandwidth
+        t.microbatch_memory_s += (gradient + 3 * shard) / cluster.memory_bandwidth
         extra = tuple(a for a in opt_axes if a not in sum(lay, ()))
         t.collective(cluster, plan, "all-gather", extra, shard)  # ZeRO-1: updates gathered
 

@@ -191,7 +191,10 @@ def piece_cost(group: Group, plan: Plan, cluster: Cluster, options: Options,
 
     busy = compute + communication - sync, split by passes of forward work: f = busy / P,
     w = busy / P (the weight-gradient matmuls), b = the rest, with P = 3, or 4 when the layer
-    is recomputed (remat applies to stacked groups, as in `group_terms`).
+    is recomputed (remat applies to stacked groups, as in `group_terms`). w also streams the
+    microbatch's weight gradient and adds it into the sum (`Terms.microbatch_memory_s`,
+    which the data axes and ZeRO level do not change); the once-per-step optimizer update's
+    share of `Terms.memory_s` is not in a piece.
     """
     t = group_terms(group, dataclasses.replace(plan, microbatches=1), cluster, options)
     remat = plan.remat and any(p.logical_axes[:1] == ("layers",) for p in group.params)
@@ -199,9 +202,9 @@ def piece_cost(group: Group, plan: Plan, cluster: Cluster, options: Options,
     busy = t.compute_s + t.communication_s - sync
     stash = t.memory["activations"]
     extra = group.repeat * activation_bytes(group.saved, plan) - stash if remat else 0.0
-    return Cost(busy / passes, busy * (passes - 2) / passes, busy / passes, sync,
-                t.memory["params"], t.memory["grads"], t.memory["optimizer"], t.temporary,
-                stash, extra)
+    return Cost(busy / passes, busy * (passes - 2) / passes,
+                busy / passes + t.microbatch_memory_s, sync, t.memory["params"],
+                t.memory["grads"], t.memory["optimizer"], t.temporary, stash, extra)
 
 
 def rank_memory(rank: Cost, live: float, batch: float, reserve: float) -> dict[str, float]:

@@ -9,9 +9,11 @@ the global choices, so there is one binary per (group, fsdp, remat, microbatches
 combination, tied to one-hot global choices; temporaries enter as their maximum over
 groups. Minimise the predicted step time subject to the per-device memory budget.
 
-Ties are not left to the solver: the cost model charges every extra microbatch (a gradient
-accumulation and each microbatch's tensor-parallel collectives), so the fewest that fit win;
-remat is offered only when some group is a layer stack, the only place it applies.
+Ties are not left to the solver: the cost model charges each extra microbatch its
+tensor-parallel collectives and fsdp gathers, and its gradient accumulation where memory-bound
+work is costed; where that leaves an exact tie (a data-parallel plan on a cluster without a
+memory bandwidth), the fewest microbatches that fit are taken after the solve. Remat is
+offered only when some group is a layer stack, the only place it applies.
 """
 
 from __future__ import annotations
@@ -185,15 +187,37 @@ def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Se
         return None
     x = np.round(result.x[:n]).astype(bool)
     chosen = [k for k, on in zip(combos, x) if on]
+    if not minimise_memory:
+        chosen = _fewest_microbatches(combos, chosen, budget - fixed_memory)
     m = chosen[0].microbatches
     remat = chosen[0].remat
     rules = tuple((group_pattern(graph.groups[k.group].name), replicate_over_fsdp(base.rules))
                   for k in chosen if not k.fsdp)
     plan = dataclasses.replace(base, remat=remat, microbatches=m, group_rules=rules)
     time_s = sum(k.time_s for k in chosen)
+    return _Solution(plan, time_s, _memory(chosen) + fixed_memory, float(result.mip_gap or 0.0))
+
+
+def _memory(chosen: Sequence[_Combo]) -> float:
+    """Per-device bytes of one combo per group (the batch and reserve aside): everything the
+    groups hold, plus temporaries, the larger of one group's and all the parameters."""
     temporary = max(max(k.temporary for k in chosen), sum(k.params for k in chosen))
-    memory = sum(k.memory for k in chosen) + temporary + fixed_memory
-    return _Solution(plan, time_s, memory, float(result.mip_gap or 0.0))
+    return sum(k.memory for k in chosen) + temporary
+
+
+def _fewest_microbatches(combos: Sequence[_Combo], chosen: list[_Combo],
+                         budget: float) -> list[_Combo]:
+    """`chosen` with the fewest microbatches that fit `budget` at the same step time. The MILP
+    stops within its relative gap, so an exact tie (a plan that costs nothing per extra
+    microbatch) can come back with any count."""
+    by_key = {(k.group, k.fsdp, k.remat, k.microbatches): k for k in combos}
+    time_s = sum(k.time_s for k in chosen)
+    for m in sorted({k.microbatches for k in combos if k.microbatches < chosen[0].microbatches}):
+        fewer = [by_key.get((k.group, k.fsdp, k.remat, m)) for k in chosen]
+        if (None not in fewer and sum(k.time_s for k in fewer) <= time_s * (1 + 1e-9)
+                and _memory(fewer) <= budget):
+            return fewer
+    return chosen
 
 
 def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,

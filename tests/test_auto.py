@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_hlo import collective_bytes_per_step
 
 import jaxpar
 from jaxpar.graph import trace_graph
+from jaxpar.hlo import collective_bytes_per_step
 from jaxpar.models.gpt import Block, build, lm_loss
 from jaxpar.models.presets import GPTConfig
 from jaxpar.plan import PlanError
@@ -149,15 +149,7 @@ def test_predicted_memory_agrees_with_the_compiler(spec, small_gpt):
 # of tp8's all-reduce bytes) and the loss's reductions over `vocab` (scalars and rows).
 COLLECTIVE_BYTES_TOLERANCE = 0.10
 
-FSDP_WITH_TENSOR = pytest.mark.xfail(strict=True, reason=(
-    "the emitter's fsdp gathers replicate tensor-split dims: XLA all-gathers an operand over "
-    "the auto `tensor` axis before a collective over a manual axis, so every device gathers "
-    "whole weights and reduce-scatters whole gradients; and without remat the backward pass "
-    "reuses the forward's gathered weights instead of gathering again (jaxpar/context.py)"))
-
-
-@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8",
-                                  pytest.param("dp2+fsdp2+tp2", marks=FSDP_WITH_TENSOR)])
+@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+fsdp2+tp2"])
 def test_predicted_collective_bytes_per_kind_agree_with_the_compiler(spec, small_gpt):
     predicted, compiled = small_gpt(spec)
     emitted = collective_bytes_per_step(compiled.as_text(), min_bytes=64)

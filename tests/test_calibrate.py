@@ -24,28 +24,34 @@ def test_calibrated_cluster_describes_8_devices_in_one_node(calibrated):
     assert cluster.source == "calibrated"
     assert (cluster.num_nodes, cluster.devices_per_node) == (1, 8)
     figures = [cluster.peak_flops, cluster.memory_bytes, cluster.intra_node_bandwidth,
-               cluster.intra_node_latency, cluster.memory_bandwidth]
+               cluster.intra_node_latency]
     assert all(math.isfinite(x) and x > 0 for x in figures)
     assert (cluster.inter_node_bandwidth, cluster.inter_node_latency) == (
         cluster.intra_node_bandwidth, cluster.intra_node_latency)
     # 8 devices share 2 cores: the per-device rate under full load is below the rate alone.
     assert cluster.peak_flops < max(rate for _, rate in record["matmul"]["single"])
-    assert cluster.memory_bandwidth == record["memory"]["all_devices"]
     assert record["seconds"] < 60
 
 
-def test_each_collective_kind_carries_its_own_fit(calibrated):
+def test_links_use_the_fit_over_all_kinds_and_the_rest_is_only_recorded(calibrated):
     cluster, _, record = calibrated
-    assert cluster.intra_node_collectives == {
-        kind.replace("_", "-"): record["fits"][kind] for kind in KINDS}
-    # the kinds move data at different rates: one combined figure would mis-cost them
-    bandwidths = [fit["bandwidth"] for fit in cluster.intra_node_collectives.values()]
-    assert max(bandwidths) > 1.2 * min(bandwidths)
+    fit = record["fits"]["all"]
+    assert (cluster.intra_node_bandwidth, cluster.intra_node_latency,
+            cluster.latency_per_device) == (fit["bandwidth"], fit["latency"],
+                                            fit["latency_per_device"])
+    # per-kind fits and the memory stream rate are measured, but a step does not follow them
+    assert set(record["fits"]) == {*KINDS, "all"} and not cluster.intra_node_collectives
+    assert math.isfinite(record["memory"]["all_devices"]) and record["memory"]["all_devices"] > 0
+    assert cluster.memory_bandwidth == math.inf
+    # a collective among 8 devices starts when the last of them arrives
+    assert cluster.link(8, 1)[1] == pytest.approx(cluster.link(2, 1)[1]
+                                                  + 6 * cluster.latency_per_device)
 
 
 def _median_relative_error(fit, points):
-    predicted = np.array([fit["latency"] + ring_factor(p["kind"], p["group"]) * p["bytes"]
-                          / fit["bandwidth"] for p in points])
+    predicted = np.array([fit["latency"] + (p["group"] - 1) * fit["latency_per_device"]
+                          + ring_factor(p["kind"], p["group"]) * p["bytes"] / fit["bandwidth"]
+                          for p in points])
     measured = np.array([p["seconds"] for p in points])
     return float(np.median(np.abs(predicted - measured) / measured))
 
@@ -87,9 +93,7 @@ def test_refresh_measures_again(calibrated, monkeypatch, tmp_path):
     # Every collective twice as slow: the fit doubles the latency and halves the bandwidth.
     assert refreshed.intra_node_latency == pytest.approx(2 * cluster.intra_node_latency)
     assert refreshed.intra_node_bandwidth == pytest.approx(cluster.intra_node_bandwidth / 2)
-    for kind, fit in refreshed.intra_node_collectives.items():
-        assert fit["bandwidth"] == pytest.approx(
-            cluster.intra_node_collectives[kind]["bandwidth"] / 2)
+    assert refreshed.latency_per_device == pytest.approx(2 * cluster.latency_per_device)
     assert refreshed.peak_flops == cluster.peak_flops
     assert refreshed.memory_bandwidth == cluster.memory_bandwidth
     assert jaxpar.calibrate(cache_dir=tmp_path) == refreshed

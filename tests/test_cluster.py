@@ -42,6 +42,20 @@ def test_local_cluster_describes_the_simulated_cpu_devices():
     assert cluster.num_nodes == 1 and cluster.memory_bytes > 0
 
 
+@pytest.mark.parametrize("kind, preset", [("NVIDIA A100-SXM4-80GB", a100_80gb(2)),
+                                          ("TPU v4", tpu_v4(8))])
+def test_local_cluster_of_a_known_accelerator_keeps_every_datasheet_field(kind, preset):
+    @dataclasses.dataclass
+    class Device:
+        process_index: int
+        device_kind: str = kind
+
+    devices = [Device(i // 8) for i in range(8 * preset.num_nodes)]
+    cluster = jaxpar.local_cluster(devices)
+    assert cluster == dataclasses.replace(preset, name=kind)
+    assert cluster.memory_bandwidth == preset.memory_bandwidth < float("inf")
+
+
 def test_invalid_cluster_is_rejected():
     with pytest.raises(ValueError, match="num_nodes must be positive"):
         a100_80gb(num_nodes=0)

@@ -2,8 +2,6 @@
 `compiled.memory_analysis()`."""
 
 import math
-import re
-from collections import Counter
 
 import numpy as np
 import optax
@@ -11,45 +9,11 @@ import pytest
 
 import jaxpar
 from jaxpar import hlo
+from jaxpar.hlo import collective_bytes_per_step
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.trace import abstract_params
 
 BATCH, LENGTH = 16, 32
-
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) \(")
-_WHILE = re.compile(r" while\(.* body=%(?P<body>[^,\s]+)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
-
-
-def collective_bytes_per_step(hlo_text: str, min_bytes: int = 0) -> dict[str, int]:
-    """Bytes of the collectives' results per step by kind, from compiled HLO text. An op in
-    the body of a while loop (the layer scan, the microbatch scan) runs the loop's known trip
-    count times, nested loops multiplied. Ops of at most `min_bytes` (scalars) are left out."""
-    bodies: dict[str, list[str]] = {}
-    entry = name = None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            name = header.group("name")
-            bodies[name] = []
-            entry = name if line.startswith("ENTRY") else entry
-        elif name is not None:
-            bodies[name].append(line)
-    total: Counter[str] = Counter()
-
-    def visit(computation: str, times: int) -> None:
-        for line in bodies[computation]:
-            for op in hlo.collectives(line):
-                if op.nbytes > min_bytes:
-                    total[op.kind] += times * op.nbytes
-            loop = _WHILE.search(line)
-            if loop:
-                trips = _TRIP_COUNT.search(line)
-                assert trips, f"a while loop without known_trip_count: {line[:200]}"
-                visit(loop.group("body"), times * int(trips.group("n")))
-
-    visit(entry, 1)
-    return dict(total)
 
 
 def example_batch():
@@ -109,6 +73,37 @@ def test_fsdp_gathers_parameters_and_reduce_scatters_gradients(compiled, params)
         assert shard in scattered, f"{p.path}: no reduce-scatter to its shard {shard}"
     # all-reduce is left for the loss and the gradients of the unsharded parameters
     assert sum(op.nbytes for op in ops if op.kind == "all-reduce") <= replicated_bytes + 64
+
+
+def test_fsdp_without_remat_gathers_each_layer_again_for_the_backward_pass(compiled, params):
+    """The layers' gathered weight matrices are recomputed, not held from forward to
+    backward; parameters outside the layer stack are gathered once per step. Vectors (norm
+    scales, biases) are left out: the backward keeps their broadcastable reshape, as small."""
+    par, exe = compiled["fsdp8"]
+    vector = 4 * max(p.shape[-1] for p in params)
+    per_step = collective_bytes_per_step(exe.as_text(), min_bytes=vector)
+    matrices = [p for p in params if "fsdp" in sum(par.plan.param_layout(p), ())
+                and 4 * math.prod(layer_shapes(p)) > vector]
+    stacked = sum(p.nbytes for p in matrices if p.logical_axes[:1] == ("layers",))
+    assert per_step["all-gather"] == 2 * stacked + sum(p.nbytes for p in matrices) - stacked
+
+
+def test_fsdp_gathers_only_the_tensor_slice_of_a_tensor_split_parameter(params):
+    plan = jaxpar.named_plan("fsdp2+tp4", 8)
+    par = jaxpar.parallelize(build("tiny"), optax.adamw(1e-3), lm_loss, plan, example_batch())
+    ops = hlo.collectives(par.lower(example_batch()).compile().as_text())
+    gathered = {s for op in ops if op.kind == "all-gather" for s in op.shapes}
+    scattered = {s for op in ops if op.kind == "reduce-scatter" for s in op.shapes}
+    for p in params:
+        full = layer_shapes(p)
+        layout = par.plan.param_layout(p)[-len(full):]
+        if not any("fsdp" in axes for axes in layout) or not any("tensor" in axes
+                                                                  for axes in layout):
+            continue
+        sliced = tuple(d // 4 if "tensor" in axes else d for d, axes in zip(full, layout))
+        shard = tuple(d // 2 if "fsdp" in axes else d for d, axes in zip(sliced, layout))
+        assert sliced in gathered and full not in gathered, p.path
+        assert shard in scattered, p.path
 
 
 def test_tp_never_gathers_a_full_weight_matrix(compiled, params):

@@ -9,8 +9,9 @@ import pytest
 
 from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
 from jaxpar.planners.cluster import a100_80gb
-from jaxpar.planners.cost import group_terms, predict
+from jaxpar.planners.cost import Options, group_terms, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
+from jaxpar.planners.pipeline import piece_cost
 from jaxpar.planners.search import (
     describe,
     divisors,
@@ -157,6 +158,32 @@ def test_fewest_microbatches_win_when_memory_allows():
     assert times[0] < times[1] < times[2]
 
 
+def test_exact_ties_between_microbatch_counts_go_to_the_fewest():
+    # without a memory bandwidth a data-parallel plan's extra microbatches cost nothing
+    graph = transformer(layers=2, embed=256, heads=8, mlp=1024, vocab=1024, batch=64,
+                        length=128)
+    cluster = dataclasses.replace(a100_80gb(num_nodes=1), memory_bandwidth=math.inf)
+    plan = plan_sharding(graph, cluster, 80 * GiB)
+    assert (plan.mesh_shape["data"], plan.microbatches) == (8, 1)
+    times = [predict(graph, dataclasses.replace(plan, microbatches=m), cluster).step_s
+             for m in (1, 2, 4)]
+    assert times[0] == pytest.approx(times[1]) == pytest.approx(times[2])
+
+
+def test_collective_latency_grows_with_the_participants():
+    graph = transformer(layers=2, embed=1024, heads=8, mlp=4096, vocab=8192, batch=8,
+                        length=128)
+    cluster = a100_80gb(num_nodes=1)
+    waiting = dataclasses.replace(cluster, latency_per_device=1e-3)
+    extra = {}
+    for spec in ("dp2+tp4", "dp8"):  # one all-reduce per parameter: over 2 or 8 devices
+        plan = named_plan(spec, 8).bind(graph.params)
+        extra[spec] = (predict(graph, plan, waiting).communication_s
+                       - predict(graph, plan, cluster).communication_s)
+    assert extra["dp8"] == pytest.approx(7e-3 * len(graph.params))
+    assert 0 < extra["dp2+tp4"]  # tensor all-reduces over 4, gradients over 2
+
+
 def test_replicas_pay_for_the_update_they_repeat_at_memory_bandwidth():
     graph = transformer(layers=2, embed=1024, heads=8, mlp=4096, vocab=8192, batch=8,
                         length=128)
@@ -182,6 +209,23 @@ def test_replicas_pay_for_the_update_they_repeat_at_memory_bandwidth():
     free = dataclasses.replace(cluster, memory_bandwidth=math.inf)
     plan = Plan(mesh=data).bind(graph.params)
     assert predict(graph, plan, free).step_s < predict(graph, plan, cluster).step_s
+
+
+def test_a_pipeline_piece_streams_each_microbatch_gradient_in_its_w_pass():
+    graph = transformer(layers=2, embed=1024, heads=8, mlp=4096, vocab=8192, batch=8,
+                        length=128)
+    blocks = next(g for g in graph.groups if g.repeat > 1)
+    cluster = a100_80gb(num_nodes=1)
+    free = dataclasses.replace(cluster, memory_bandwidth=math.inf)
+    plan = named_plan("fsdp2+tp4", 8).bind(graph.params)
+    paid, unpaid = (piece_cost(blocks, plan, c, Options(), 0.0) for c in (cluster, free))
+    streamed = group_terms(blocks, plan, cluster).microbatch_memory_s
+    # what one more microbatch adds to a step: writing its gradient, adding it into the sum
+    one, two = (group_terms(blocks, dataclasses.replace(plan, microbatches=m), cluster).memory_s
+                for m in (1, 2))
+    assert streamed == pytest.approx(two - one) and streamed > 0
+    assert (paid.f, paid.b) == (unpaid.f, unpaid.b)
+    assert paid.w == pytest.approx(unpaid.w + streamed)
 
 
 def test_collectives_are_costed_on_their_own_kinds_figures():
