@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,15 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def write_result(result: dict, out: Path, wall_s: float) -> None:
+    """Write a benchmark's result as JSON (wall time in its meta) and print its targets."""
+    result["meta"]["wall_s"] = wall_s
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    print(f"\ntargets: {json.dumps(json_safe(result['targets']))}")
+    print(f"wrote {out} in {wall_s:.0f} s")
 
 
 def text_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -31,7 +31,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 import argparse
 import dataclasses
 import datetime
-import json
 import platform
 import sys
 import time
@@ -49,7 +48,7 @@ from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.megatron import MIXED, megatron_table, paper_step, row_graph
 from jaxpar.planners.pipeline import make_schedule, plan_pipeline, schedule_allows, step_flops
 from jaxpar.planners.simulator import simulate
-from jaxpar.report import json_safe, text_table
+from jaxpar.report import text_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_CSV = ROOT / "data" / "megatron_gpt_configs.csv"
@@ -254,11 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
                       for c in result["measured"]["configs"]]))
 
     result["targets"] = targets(result)
-    result["meta"]["wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    print(f"\ntargets: {json.dumps(json_safe(result['targets']))}")
-    print(f"wrote {args.out} in {result['meta']['wall_s']:.0f} s")
+    write_result(result, args.out, time.perf_counter() - started)
     return result
 
 

@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import gc
 import itertools
-import json
 import math
 import platform
 import sys
@@ -67,7 +66,7 @@ from jaxpar.planners.search import (
     plan_sharding,
     replicate_over_fsdp,
 )
-from jaxpar.report import json_safe, text_table
+from jaxpar.report import text_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -677,11 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_sweep(result["sweep"])
 
     result["targets"] = targets(result)
-    result["meta"]["wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    print(f"\ntargets: {json.dumps(json_safe(result['targets']))}")
-    print(f"wrote {args.out} in {result['meta']['wall_s']:.0f} s")
+    write_result(result, args.out, time.perf_counter() - started)
     return result
 
 

@@ -24,3 +24,24 @@ def compiles():
     jax.monitoring.register_event_duration_secs_listener(listen)
     yield events
     jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    """Run `scripts/<name> --quick` in a subprocess on 8 CPU devices; its JSON result."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(name: str) -> dict:
+        out = tmp_path_factory.mktemp("bench") / "bench.json"
+        env = {**os.environ, "XLA_FLAGS": f"{_FLAG}=8"}
+        subprocess.run([sys.executable, str(root / "scripts" / name), "--quick", "--out",
+                        str(out)], check=True, env=env, cwd=root, timeout=300,
+                       capture_output=True)
+        return json.loads(out.read_text())
+
+    return run

@@ -2,25 +2,13 @@
 sane values. The wall-time target itself is judged on the full run (docs/bench_pipeline.md):
 a tiny model's step is driver overhead, not pipeline work."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pipeline.py"), "--quick",
-                    "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=300,
-                   capture_output=True)
-    return json.loads(out.read_text())
+def result(quick_bench) -> dict:
+    return quick_bench("bench_pipeline.py")
 
 
 def test_simulated_bubbles_follow_the_formulas(result):

@@ -3,26 +3,14 @@ sane values. The targets themselves (pick within 10 % of the best, rank correlat
 are judged on the full run in docs/bench_planner.md, not here: three steps of a tiny model
 on shared cores are noise."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_planner.py"), "--quick",
-                    "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=300,
-                   capture_output=True)
-    return json.loads(out.read_text())
+def result(quick_bench) -> dict:
+    return quick_bench("bench_planner.py")
 
 
 def test_sweep_fields(result):
