@@ -52,7 +52,7 @@ from jaxpar.pipelined import Pipelined, microbatches
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.schedules import Op, Schedule
 from jaxpar.stages import Pieces
-from jaxpar.trace import ModelFn, abstract_params
+from jaxpar.trace import ModelFn
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -284,14 +284,13 @@ class _Runtime:
         self.ranks = [tuple(range(r, self.num_chunks, plan.stages)) for r in range(plan.stages)]
         self.bounds = [int(b) for b in np.cumsum([0, *chunk_layers])]
 
-        _, model_shape, _ = abstract_params(model_fn)
-        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), model_shape)
+        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), pieces.params_shape)
                   for c in range(self.num_chunks)]
         self.state_shardings = [
             state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])[0]
             for c in range(self.num_chunks)]
-        self.outer_on_last = self.last_stage.param_shardings(pieces.outer(model_shape))
-        run_shapes = shapes[:-1] + [{**pieces.outer(model_shape), **shapes[-1]}]
+        self.outer_on_last = self.last_stage.param_shardings(pieces.outer(pieces.params_shape))
+        run_shapes = shapes[:-1] + [{**pieces.outer(pieces.params_shape), **shapes[-1]}]
         self.chunks = [_chunk(pieces, c, self.num_chunks, self.m, self.chunk_stage[c],
                               run_shapes[c]) for c in range(self.num_chunks)]
         self.inits = [jax.jit(functools.partial(self._init_rank, rank=r), out_shardings=tuple(

@@ -21,7 +21,7 @@ from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.pipeline import make_schedule
 from jaxpar.planners.schedules import Schedule
 from jaxpar.stages import Pieces, Stages
-from jaxpar.trace import ModelFn, abstract_params
+from jaxpar.trace import ModelFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,8 @@ def checked(model_fn: ModelFn, stages: Any, plan: Plan, batch: Any,
                         f"in and after the layer stack); got {type(stages).__name__}")
     plan.check_devices(num_devices)
     plan.check_pipeline()
-    _, _, infos = abstract_params(model_fn)
-    plan = plan.bind(infos)
     pieces = Pieces.of(model_fn, stages)
+    plan = plan.bind(pieces.infos)
     chunk_layers = plan.pipeline.chunk_layers(plan.stages, pieces.num_layers)
     schedule = schedule_of(plan)
     for leaf in jax.tree.leaves(batch):

@@ -380,13 +380,21 @@ class Plan:
                "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
         lines = [f"Plan {self.name}: predicted step {pr.step_s * 1e3:.2f} ms, "
                  f"{pr.total_bytes / 2**30:.2f} GiB per device ({gap})"]
-        if self.alternatives:
-            width = max(len(a.name) for a in self.alternatives)
-            lines.append(f"  {'runner-up'.ljust(width)}  step ms    GiB  why it lost")
-            for a in self.alternatives:
-                lines.append(f"  {a.name.ljust(width)}  {a.step_s * 1e3:7.2f}  "
-                             f"{a.memory_bytes / 2**30:5.2f}  {a.reason}")
-        return "\n".join(lines)
+        return "\n".join(lines + runners_up(self.alternatives, "ms"))
+
+
+def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
+    """The table of runners-up `explain()` prints: name, step time in `unit` (ms or s),
+    GiB per device and why each lost."""
+    if not alternatives:
+        return []
+    scale = {"ms": 1e3, "s": 1.0}[unit]
+    width = max(len("runner-up"), *(len(a.name) for a in alternatives))
+    lines = [f"  {'runner-up'.ljust(width)}  {'step ' + unit:>9}     GiB  why it lost"]
+    for a in alternatives:
+        lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  "
+                     f"{a.memory_bytes / 2**30:6.2f}  {a.reason}")
+    return lines
 
 
 def _rules(raw) -> Rules:

@@ -38,7 +38,7 @@ from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
 from jaxpar.planners.schedules import Op, Schedule
 from jaxpar.planners.ticks import TickTable, tick_table
 from jaxpar.stages import Pieces
-from jaxpar.trace import ModelFn, abstract_params
+from jaxpar.trace import ModelFn
 
 IDLE, FORWARD, BACKWARD = range(3)
 
@@ -215,8 +215,7 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
         base = plan.param_layout(info)
         return ((), ("stage",)) + base if info.path.startswith(stack) else base
 
-    _, params_shape, _ = abstract_params(model_fn)
-    chunked_shape = jax.eval_shape(lambda x: _chunked(pieces, x, p, v), params_shape)
+    chunked_shape = jax.eval_shape(lambda x: _chunked(pieces, x, p, v), pieces.params_shape)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sharding = by_path(chunked_shape, plan.params, lambda i, _: NamedSharding(
         mesh, context.partition_spec(layout(i))))

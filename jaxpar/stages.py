@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from jaxpar import context
-from jaxpar.plan import PlanError
+from jaxpar.plan import ParamInfo, PlanError
 from jaxpar.trace import ModelFn, abstract_params
 
 Layer = Callable[[nnx.Module, jax.Array], jax.Array]
@@ -60,25 +60,25 @@ class Pieces:
     stages: Stages
     graphdef: nnx.GraphDef
     layer_graphdef: nnx.GraphDef
-    abstract_stack: dict
+    params_shape: dict  # the whole model's parameters as ShapeDtypeStructs
+    infos: tuple[ParamInfo, ...]
     num_layers: int
 
     @classmethod
     def of(cls, model_fn: ModelFn, stages: Stages) -> Pieces:
-        graphdef, params_shape, _ = abstract_params(model_fn)
+        """Trace `model_fn` once, with shapes only."""
+        graphdef, params_shape, infos = abstract_params(model_fn)
         if stages.stack not in params_shape:
             raise PlanError(f"the model has no parameters under {stages.stack!r} (its "
                             f"top-level entries: {', '.join(sorted(params_shape))}); name the "
                             "attribute holding the stacked layers")
-        with nnx.use_eager_sharding(False):
-            model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+        model = nnx.merge(graphdef, params_shape)
         layer_graphdef, _ = nnx.split(getattr(model, stages.stack), nnx.Param)
-        abstract_stack = params_shape[stages.stack]
-        sizes = {leaf.shape[0] for leaf in jax.tree.leaves(abstract_stack)}
+        sizes = {leaf.shape[0] for leaf in jax.tree.leaves(params_shape[stages.stack])}
         if len(sizes) != 1:
             raise PlanError(f"{stages.stack!r} is not one stack of layers: its parameters have "
                             f"leading dimensions {sorted(sizes)}")
-        return cls(stages, graphdef, layer_graphdef, abstract_stack, sizes.pop())
+        return cls(stages, graphdef, layer_graphdef, params_shape, infos, sizes.pop())
 
     # ------------------------------------------------------------ parameters
     def outer(self, params: dict) -> dict:
@@ -97,7 +97,7 @@ class Pieces:
     # ------------------------------------------------------------- functions
     def _model(self, outer: dict) -> nnx.Module:
         # the stack stays abstract: `pre` / `post` touching it fail loudly, not silently
-        return nnx.merge(self.graphdef, self.join(outer, self.abstract_stack))
+        return nnx.merge(self.graphdef, self.join(outer, self.stacked(self.params_shape)))
 
     def pre(self, outer: dict, batch: Any) -> jax.Array:
         return self.stages.pre(self._model(outer), batch)

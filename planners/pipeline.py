@@ -37,7 +37,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxpar.plan import SCHEDULES, Alternative, Pipeline, Plan, PlanError, Predicted, named_plan
+from jaxpar.plan import (
+    SCHEDULES,
+    Alternative,
+    Pipeline,
+    Plan,
+    PlanError,
+    Predicted,
+    named_plan,
+    runners_up,
+)
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options, Terms, activation_bytes, group_terms
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
@@ -425,13 +434,7 @@ class PipelinePlan:
             lines.append(f"Pipelining {verdict}: the best plan without it, {self.flat.name}, "
                          f"is predicted {flat:.4g} s ({self.step_s / flat - 1:+.1%} for the "
                          f"pipeline){'' if self.pipelined else '; use `flat`'}.")
-        if self.alternatives:
-            width = max(len(a.name) for a in self.alternatives)
-            lines.append(f"  {'runner-up'.ljust(width)}     step s     GiB  why it lost")
-            for a in self.alternatives:
-                lines.append(f"  {a.name.ljust(width)}  {a.step_s:9.4g}  "
-                             f"{a.memory_bytes / GiB:6.2f}  {a.reason}")
-        return "\n".join(lines)
+        return "\n".join(lines + runners_up(self.alternatives, "s"))
 
     def to_plan(self, form: str = "mpmd") -> Plan:
         """The Plan the emitter runs: a `stage` axis of p before the stage mesh, the cut as
