@@ -13,13 +13,10 @@ Chunk c runs on stage c mod p with three programs, all from one `jax.vjp` of the
 - B: the input gradient, with the weight gradient added into the chunk's accumulator in
   the same pullback. The last chunk starts from d(mean loss)/d(loss) = 1/m.
 
-Zero-bubble schedules run in their order, but B computes both gradients and W has nothing
-left to do. Splitting the weight gradient out of jax's pullback would recompute the
-cotangent chain through the chunk: measured with XLA's cost analysis, an input-gradient-only
-B costs ~0.5 and a weight-gradient-only W ~1.0 of the fused backward, 1.5x the work for a
-split whose gain is idle time, which CPU devices sharing cores do not have. (A split without
-recompute needs B to hand W the intermediate cotangents: a partition of the backward jaxpr.)
-The simulator and the planners price the true split.
+Zero-bubble schedules split the backward (`jaxpar.backward`): B computes the input gradient
+and hands W the intermediate cotangents the weight gradient needs, so B and W together do
+the fused backward's work (checked with XLA's cost analysis). The stash holds a chunk's
+residuals until its W, with the handoff from its B to its W.
 
 Parameters outside the stack (embedding, final norm, ...) live with chunk 0 on stage 0.
 Each step copies them to the last chunk's stage; the gradient `post` gives them comes back
@@ -46,6 +43,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
+from jaxpar.backward import Split
+from jaxpar.backward import split as backward_split
 from jaxpar.devices import make_mesh
 from jaxpar.emit import TrainState, apply_gradients, by_path, state_sharding_of
 from jaxpar.pipelined import Pipelined, microbatches
@@ -101,6 +100,7 @@ class _Residuals:
     tree: Any = None
     source: tuple[int | None, ...] = ()
     known: int = 0  # leaves of (params, batch): the driver has them without a stash
+    halves: Split | None = None  # the backward as B and W, traced with B
     output: jax.ShapeDtypeStruct | None = None
 
     def split(self, pullback: Any, inputs: tuple) -> list:
@@ -128,6 +128,8 @@ class _Chunk:
     residuals: _Residuals
     forward: Callable  # (params, batch, x) -> (y, kept)
     backward: Callable  # (params, batch, x, kept, dy, acc) -> (dx, acc)
+    input_grad: Callable  # (params, batch, x, kept, dy) -> (dx, handoff): B of a split
+    weight_grad: Callable  # (params, batch, x, kept, dy, handoff, acc) -> acc: W
     zeros: Callable  # () -> a zero gradient accumulator
     uses_batch: bool
 
@@ -150,15 +152,38 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
         residuals.output = jax.ShapeDtypeStruct(y.shape, y.dtype)
         return y, residuals.split(pullback, (params, batch, x))
 
-    def grads(params, batch, x, kept, dy):
+    def output_grad(dy):
         if dy is None:  # the loss: each microbatch's is 1/m of the step's
             dy = jnp.full(residuals.output.shape, 1 / m, residuals.output.dtype)
-        with stage.tracing():
-            return residuals.pullback(kept, (params, batch, x))(dy)
+        return dy
 
     def backward(params, batch, x, kept, dy, acc):
-        d_params, dx = grads(params, batch, x, kept, dy)
+        with stage.tracing():
+            d_params, dx = residuals.pullback(kept, (params, batch, x))(output_grad(dy))
         return dx, _add(acc, d_params)
+
+    def split_args(params, batch, x, kept, dy):
+        pullback = residuals.pullback(kept, (params, batch, x))
+        leaves, tree = jax.tree.flatten(pullback)
+        args = [*leaves, output_grad(dy)]
+        if residuals.halves is None:
+            with stage.tracing():
+                residuals.halves = backward_split(
+                    lambda *a: jax.tree.unflatten(tree, a[:-1])(a[-1]), args,
+                    [True] * len(jax.tree.leaves(params)) + [False] * (not first))
+        return args
+
+    def input_grad(params, batch, x, kept, dy):
+        args = split_args(params, batch, x, kept, dy)
+        with stage.tracing():
+            dx, handoff = residuals.halves.b(*args)
+        return (dx[0] if dx else None), handoff
+
+    def weight_grad(params, batch, x, kept, dy, handoff, acc):
+        args = split_args(params, batch, x, kept, dy)
+        with stage.tracing():
+            d_params = residuals.halves.w(*args, *handoff)
+        return _add(acc, jax.tree.unflatten(jax.tree.structure(params), d_params))
 
     param_shardings = stage.param_shardings(param_shapes)
     dx_sharding = None if first else stage.activations
@@ -168,6 +193,8 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
         forward=jax.jit(forward, out_shardings=(out_sharding, None)),
         backward=jax.jit(backward, out_shardings=(dx_sharding, param_shardings),
                          donate_argnums=5),
+        input_grad=jax.jit(input_grad, out_shardings=(dx_sharding, None)),
+        weight_grad=jax.jit(weight_grad, out_shardings=param_shardings, donate_argnums=6),
         zeros=jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes),
                       out_shardings=param_shardings),
         uses_batch=first or last,
@@ -220,14 +247,22 @@ def _walk(schedule: Schedule, chunks: Sequence[_Chunk], stages: Sequence[_Stage]
             else:
                 inbox[Op("F", mb, c + 1)] = jax.device_put(y, stages[c + 1].activations)
             return
-        if op.kind == "W":  # B computed the weight gradient (see the module docstring)
+        if op.kind == "W":
             inbox.pop(op)
+            x, kept, dy, handoff = stash.entries[mb, c]
+            accs[c] = chunk.weight_grad(params[c], batch, x, kept, dy, handoff, accs[c])
+            stash.drop((mb, c), rank)
             return
         x, kept = stash.entries[mb, c]
-        dx, accs[c] = chunk.backward(params[c], batch, x, kept, inbox.pop(op), accs[c])
-        stash.drop((mb, c), rank)
+        dy = inbox.pop(op)
         if schedule.splits_backward:
+            dx, handoff = chunk.input_grad(params[c], batch, x, kept, dy)
+            stash.drop((mb, c), rank)
+            stash.put((mb, c), rank, (x, kept, dy, handoff))
             inbox[Op("W", mb, c)] = None
+        else:
+            dx, accs[c] = chunk.backward(params[c], batch, x, kept, dy, accs[c])
+            stash.drop((mb, c), rank)
         if c > 0:
             inbox[Op("B", mb, c - 1)] = jax.device_put(dx, stages[c - 1].activations)
 

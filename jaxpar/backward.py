@@ -1,0 +1,129 @@
+"""A chunk's backward pass split in two, as zero-bubble schedules run it: B computes the input
+gradient, W the weight gradient, and B hands W the intermediate cotangents W needs, so
+nothing is computed twice.
+
+jax has no such transform: a pullback computes both gradients in one pass, and asking it for
+the weight gradient alone recomputes the cotangent chain through the chunk. `split` traces
+the pullback to a jaxpr with calls and short loops inlined (a `jit`, a `remat`, the `scan`
+over a chunk's layers; longer loops stay whole), then partitions its equations: B keeps
+those the input gradient needs; W keeps the rest of those the weight gradient needs, and
+takes as inputs the values of B's equations they read (the handoff).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core
+
+# loops of at most this many steps are unrolled, so that W can take over their per-step
+# weight-gradient work; a longer loop stays one equation, recomputed in W if W needs it
+MAX_UNROLL = 64
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
+
+
+def _inlined(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
+    """Evaluate `jaxpr` in the current trace with its calls and short scans inlined."""
+    env: dict[core.Var, Any] = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, core.Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        name, params = eqn.primitive.name, eqn.params
+        if name in _CALLS:
+            body = params.get("jaxpr", params.get("call_jaxpr"))
+            outs = (_inlined(body.jaxpr, body.consts, ins) if isinstance(body, core.ClosedJaxpr)
+                    else _inlined(body, (), ins))
+        elif name == "scan" and params["length"] <= MAX_UNROLL:
+            outs = _unrolled_scan(ins, **params)
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        for v, x in zip(eqn.outvars, outs):
+            if not isinstance(v, core.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _unrolled_scan(args: list, *, jaxpr: core.ClosedJaxpr, num_consts: int, num_carry: int,
+                   length: int, reverse: bool, **_) -> list:
+    consts, carry = args[:num_consts], args[num_consts:num_consts + num_carry]
+    xs = args[num_consts + num_carry:]
+    ys: list[list] = [None] * length
+    for i in reversed(range(length)) if reverse else range(length):
+        out = _inlined(jaxpr.jaxpr, jaxpr.consts, [*consts, *carry, *(x[i] for x in xs)])
+        carry, ys[i] = out[:num_carry], out[num_carry:]
+    num_ys = len(jaxpr.jaxpr.outvars) - num_carry
+    stacked = [jnp.stack([y[k] for y in ys]) for k in range(num_ys)]
+    return [*carry, *stacked]
+
+
+def inlined(fn: Callable[..., Any], args: Sequence[Any]) -> list:
+    """The flat outputs of `fn(*args)`, traced with its calls and short loops inlined."""
+    closed = jax.make_jaxpr(lambda *a: jax.tree.leaves(fn(*a)))(*args)
+    return _inlined(closed.jaxpr, closed.consts, args)
+
+
+def _needed(eqns: Sequence[core.JaxprEqn], outvars: Sequence[Any]) -> list[core.JaxprEqn]:
+    """The equations computing `outvars`, in order."""
+    live = {v for v in outvars if isinstance(v, core.Var)}
+    kept = []
+    for eqn in reversed(eqns):
+        if any(v in live for v in eqn.outvars) or eqn.effects:
+            kept.append(eqn)
+            live.update(v for v in eqn.invars if isinstance(v, core.Var))
+    return kept[::-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """`b(*args) -> (input gradients, handoff)` and `w(*args, *handoff) -> weight gradients`,
+    flat lists; `args` are the traced function's flat arguments."""
+
+    b: Callable[..., tuple[list, list]]
+    w: Callable[..., list]
+    handoff: tuple[jax.ShapeDtypeStruct, ...]
+
+
+def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[bool]) -> Split:
+    """Partition `fn(*args)`, whose flat outputs are weight gradients where `weight_outputs`
+    is True and input gradients elsewhere (see the module doc). `args` may be tracers or
+    ShapeDtypeStructs."""
+    flat = jax.make_jaxpr(lambda *a: inlined(fn, a))(*args)
+    jaxpr = flat.jaxpr
+    outs = jaxpr.outvars
+    if len(outs) != len(weight_outputs):
+        raise ValueError(f"{len(weight_outputs)} output flags for {len(outs)} outputs")
+    grads_in = [v for v, is_w in zip(outs, weight_outputs) if not is_w]
+    grads_w = [v for v, is_w in zip(outs, weight_outputs) if is_w]
+    b_eqns = _needed(jaxpr.eqns, grads_in)
+    in_b = set(map(id, b_eqns))
+    by_b = {v for e in b_eqns for v in e.outvars}
+    w_eqns = [e for e in _needed(jaxpr.eqns, grads_w) if id(e) not in in_b]
+    read_by_w = [v for e in w_eqns for v in e.invars] + grads_w
+    handoff = list(dict.fromkeys(v for v in read_by_w if isinstance(v, core.Var) and v in by_b))
+
+    def made(invars: list, outvars: list, eqns: list) -> core.Jaxpr:
+        info = jaxpr.debug_info._replace(arg_names=("",) * len(invars),
+                                         result_paths=("",) * len(outvars))
+        return core.Jaxpr(jaxpr.constvars, invars, outvars, eqns, debug_info=info)
+
+    b_jaxpr = made(jaxpr.invars, [*grads_in, *handoff], b_eqns)
+    w_jaxpr = made([*jaxpr.invars, *handoff], grads_w, w_eqns)
+    b_run = core.jaxpr_as_fun(core.ClosedJaxpr(b_jaxpr, flat.consts))
+    w_run = core.jaxpr_as_fun(core.ClosedJaxpr(w_jaxpr, flat.consts))
+
+    def b(*a: Any) -> tuple[list, list]:
+        out = b_run(*a)
+        return out[:len(grads_in)], out[len(grads_in):]
+
+    return Split(b, lambda *a: w_run(*a),
+                 tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in handoff))
