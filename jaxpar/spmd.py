@@ -20,6 +20,7 @@ on rank p - 1) is summed over `stage` once per step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,39 +32,31 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
+from jaxpar.backward import Split
+from jaxpar.backward import split as backward_split
 from jaxpar.devices import make_mesh
 from jaxpar.emit import TrainState, apply_gradients, by_path, init_state, require_layer
 from jaxpar.pipelined import Pipelined, microbatches
 from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
-from jaxpar.planners.schedules import Op, Schedule
+from jaxpar.planners.schedules import Schedule
 from jaxpar.planners.ticks import TickTable, tick_table
 from jaxpar.stages import Pieces
 from jaxpar.trace import ModelFn
 
-IDLE, FORWARD, BACKWARD = range(3)
-
-
-def _kind(op: Op | None, num_chunks: int) -> int:
-    """What runs `op`: the last chunk's F is idle, since its B recomputes it anyway."""
-    if op is None or (op.kind == "F" and op.chunk == num_chunks - 1):
-        return IDLE
-    return FORWARD if op.kind == "F" else BACKWARD
+IDLE, FORWARD, BACKWARD, WEIGHT = range(4)
+_KIND = {None: IDLE, "F": FORWARD, "B": BACKWARD, "W": WEIGHT}
 
 
 def _rows(table: TickTable) -> np.ndarray:
-    """The tick table as int32 (ticks, p, 7): op kind, microbatch, local chunk, stash slot,
-    grad slot, and the slots receiving this tick's activation and gradient (-1: none)."""
+    """The tick table as int32 (ticks, p, 9): op kind, microbatch, local chunk, the x, r, g,
+    h slots, and the slots receiving this tick's activation and gradient (-1: none)."""
     s = table.schedule
-    return np.array([[(_kind(c.op, s.num_chunks), c.op.microbatch if c.op else 0,
-                       c.op.chunk // s.p if c.op else 0, c.stash, c.grad, c.recv_stash,
-                       c.recv_grad) for c in row] for row in table.cells], np.int32)
+    return np.array([[(_KIND[c.op.kind if c.op else None], c.op.microbatch if c.op else 0,
+                       c.op.chunk // s.p if c.op else 0, c.x, c.r, c.g, c.h, c.recv_x,
+                       c.recv_g) for c in row] for row in table.cells], np.int32)
 
 
-def _check(plan: Plan, chunk_layers: Sequence[int], schedule: Schedule) -> None:
-    if schedule.splits_backward:
-        raise PlanError(f"the SPMD pipeline runs gpipe, 1f1b and interleaved_1f1b, not "
-                        f"{plan.pipeline.schedule} (its W ops would recompute the chunk once "
-                        "more); use one of those or form='mpmd'")
+def _check(plan: Plan, chunk_layers: Sequence[int]) -> None:
     if len(set(chunk_layers)) > 1:
         raise PlanError(f"the SPMD pipeline needs equal chunks (one program runs every rank); "
                         f"the cut is {tuple(chunk_layers)}: drop the cut or use form='mpmd'")
@@ -87,15 +80,57 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _read(buffer: jax.Array, slot: jax.Array) -> jax.Array:
+def _read(buffer: Any, slot: jax.Array) -> Any:
     """Slot `slot` of a buffer (any slot when -1: the op ignores it)."""
-    return buffer[jnp.maximum(slot, 0)]
+    return jax.tree.map(lambda b: b[jnp.maximum(slot, 0)], buffer)
 
 
-def _write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+def _write(buffer: Any, slot: jax.Array, value: Any) -> Any:
     """`value` into slot `slot` of a buffer; no change when `slot` is -1."""
     at = jnp.maximum(slot, 0)
-    return buffer.at[at].set(jnp.where(slot >= 0, value, buffer[at]))
+    return jax.tree.map(lambda b, v: b.at[at].set(jnp.where(slot >= 0, v, b[at])), buffer, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkVjp:
+    """A chunk's pullback as the tick loop stores it: the residuals that are not the chunk's
+    weights (`kept`, stashed by F) and how B rebuilds the pullback from them and the weights
+    (`tree`; `source[i]`: the weight leaf residual i is, or None). `halves` is the backward
+    split into B and W (`jaxpar.backward`) when the schedule splits it."""
+
+    tree: Any
+    source: tuple[int | None, ...]
+    kept: list
+    halves: Split | None
+
+    @classmethod
+    def of(cls, chunk: Callable, w: Any, x: jax.Array, split_backward: bool) -> _ChunkVjp:
+        """Trace the pullback of `chunk` at (w, x), tracers of the tick loop's trace."""
+        _, pullback = jax.vjp(chunk, w, x)
+        leaves, tree = jax.tree.flatten(pullback)
+        weights = jax.tree.leaves(w)
+        source = tuple(next((i for i, a in enumerate(weights) if a is leaf), None)
+                       for leaf in leaves)
+        kept = [leaf for leaf, i in zip(leaves, source) if i is None]
+        vjp = cls(tree, source, kept, None)
+        if not split_backward:
+            return vjp
+        halves = backward_split(vjp.apply_leaves, [*leaves, x], [True] * len(weights) + [False])
+        return dataclasses.replace(vjp, halves=halves)
+
+    def keep(self, chunk: Callable, w: Any, x: jax.Array) -> tuple[jax.Array, list]:
+        """F: the chunk's output and its residuals to stash."""
+        y, pullback = jax.vjp(chunk, w, x)
+        leaves = jax.tree.leaves(pullback)
+        return y, [leaf for leaf, i in zip(leaves, self.source) if i is None]
+
+    def leaves(self, kept: list, w: Any) -> list:
+        weights, kept = jax.tree.leaves(w), iter(kept)
+        return [next(kept) if i is None else weights[i] for i in self.source]
+
+    def apply_leaves(self, *args: Any) -> Any:
+        """(*residual leaves, dy) -> (weight gradient, input gradient)."""
+        return jax.tree.unflatten(self.tree, args[:-1])(args[-1])
 
 
 def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
@@ -104,6 +139,8 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
     """(chunked params, batch) -> (mean loss, mean gradient): the tick loop on every rank."""
     manual = ("stage",) + plan.batch_axes
     p, m = plan.stages, plan.microbatches
+    num_chunks = table.schedule.num_chunks
+    split_backward = table.schedule.splits_backward
     rows = _rows(table)
     forward_perm = [(r, (r + 1) % p) for r in range(p)]
     backward_perm = [(r, (r - 1) % p) for r in range(p)]
@@ -111,10 +148,18 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
     def replicated_over(info: ParamInfo) -> tuple[str, ...]:
         return tuple(a for a in manual if a not in sum(layout(info), ()))
 
-    def zeros(tree: Any) -> Any:
-        """Zeros varying over the manual axes, like every value the loop carries."""
-        return jax.tree.map(lambda a: lax.pcast(jnp.zeros(a.shape, a.dtype), manual,
-                                                to="varying"), tree)
+    def vary(tree: Any) -> Any:
+        """Mark values varying over every manual axis, like everything the loop carries."""
+        def one(a):
+            varying = jax.typeof(a).manual_axis_type.varying
+            missing = tuple(ax for ax in manual if ax not in varying)
+            return lax.pcast(a, missing, to="varying") if missing else a
+        return jax.tree.map(one, tree)
+
+    def zeros(tree: Any, slots: int | None = None) -> Any:
+        """Zeros like `tree` (leading `slots` dimension when given), varying everywhere."""
+        lead = () if slots is None else (max(slots, 1),)
+        return vary(jax.tree.map(lambda a: jnp.zeros((*lead, *a.shape), a.dtype), tree))
 
     def gathered(outer: dict) -> dict:
         return by_path(outer, plan.params,
@@ -134,58 +179,82 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         stack = jax.tree.map(lambda w: w[:, 0], pieces.stacked(params))  # (v, k, ...)
         micro = microbatches(batch, m)
         rank = lax.axis_index("stage")
-        activation = jax.eval_shape(pre, outer, jax.tree.map(lambda a: a[0], micro))
+        activation = zeros(jax.eval_shape(pre, outer, jax.tree.map(lambda a: a[0], micro)))
+        vjp = _ChunkVjp.of(pieces.chunk, jax.tree.map(lambda a: a[0], stack), activation,
+                           split_backward)
+        handoff = [jax.ShapeDtypeStruct(h.shape, h.dtype) for h in
+                   (vjp.halves.handoff if vjp.halves else ())]
 
-        def run_op(kind, microbatch, j, x, g, acc):
-            """This rank's op on local chunk j: the activation and gradient it sends (zeros
-            if none) and the accumulators (chunk grads, outer grads, loss sum) updated."""
+        def run_op(kind, microbatch, j, x, kept, g, h, acc):
+            """This rank's op on local chunk j: the activation and gradient it sends, the
+            residuals, loss gradient and handoff it stashes (zeros where none) and the
+            accumulators (chunk grads, outer grads, loss sum) updated."""
             chunk = j * p + rank
-            first, last = chunk == 0, chunk == table.schedule.num_chunks - 1
+            first, last = chunk == 0, chunk == num_chunks - 1
             w = jax.tree.map(lambda a: a[j], stack)
             mb = jax.tree.map(lambda a: a[microbatch], micro)
-            nothing = zeros(activation)
+            none = (zeros(activation), zeros(activation), zeros(kept), zeros(activation),
+                    zeros(h))
 
-            def chunk_input():
-                return lax.cond(first, lambda: pre(outer, mb), lambda: x)
-
-            def backward():
+            def add_weight_grad(acc, dw):
                 d_stack, d_outer, loss = acc
-                y, chunk_vjp = jax.vjp(pieces.chunk, w, chunk_input())
+                return jax.tree.map(lambda a, d: a.at[j].add(d), d_stack, dw), d_outer, loss
+
+            def forward(acc):
+                x_in = lax.cond(first, lambda: vary(pre(outer, mb)), lambda: x)
+                y, stashed = vjp.keep(pieces.chunk, w, x_in)
 
                 def head():  # the last chunk's output gradient comes from the loss
+                    d_stack, d_outer, loss = acc
                     value, post_vjp = jax.vjp(lambda o, y: post(o, y, mb), outer, y)
                     d_o, gy = post_vjp(jnp.ones_like(value))
-                    return gy, _add(d_outer, d_o), loss + value
+                    return vary((gy, (d_stack, _add(d_outer, d_o), loss + value)))
 
-                gy, d_outer, loss = lax.cond(last, head, lambda: (g, d_outer, loss))
-                dw, dx = chunk_vjp(gy)
-                d_stack = jax.tree.map(lambda a, d: a.at[j].add(d), d_stack, dw)
+                gy, acc = lax.cond(last, head, lambda: vary((jnp.zeros_like(y), acc)))
+                return (vary(y), none[1], vary(stashed), gy, none[4]), acc
 
-                def embedding():  # chunk 0's input gradient goes on into the embedding
+            def embedding(acc, dx):  # chunk 0's input gradient goes on into the embedding
+                def add():
                     _, pre_vjp = jax.vjp(lambda o: pre(o, mb), outer)
-                    return _add(d_outer, pre_vjp(dx)[0])
+                    return vary((acc[0], _add(acc[1], pre_vjp(dx)[0]), acc[2]))
+                return lax.cond(first, add, lambda: acc)
 
-                d_outer = lax.cond(first, embedding, lambda: d_outer)
-                return nothing, dx, (d_stack, d_outer, loss)
+            def backward(acc):
+                leaves = vjp.leaves(kept, w)
+                if vjp.halves:
+                    (dx,), handoff_out = vjp.halves.b(*leaves, g)
+                else:
+                    dw, dx = vjp.apply_leaves(*leaves, g)
+                    acc, handoff_out = add_weight_grad(acc, dw), none[4]
+                return (none[0], vary(dx), none[2], none[3], vary(handoff_out)), embedding(acc, dx)
 
-            return lax.switch(kind, (lambda: (nothing, nothing, acc),
-                                     lambda: (pieces.chunk(w, chunk_input()), nothing, acc),
-                                     backward))
+            def weight(acc):
+                dw = vjp.halves.w(*vjp.leaves(kept, w), g, *h)
+                return none, add_weight_grad(acc, jax.tree.unflatten(jax.tree.structure(w), dw))
+
+            branches = [lambda acc: (none, acc), forward, backward]
+            if vjp.halves:
+                branches.append(weight)
+            return lax.switch(kind, branches, acc)
 
         def tick(carry, rows_now):
-            stash, grads, acc = carry
-            kind, microbatch, j, x_slot, g_slot, x_recv, g_recv = rows_now[rank]
-            y, dx, acc = run_op(kind, microbatch, j, _read(stash, x_slot), _read(grads, g_slot),
-                                acc)
-            stash = _write(stash, x_recv, lax.ppermute(y, "stage", forward_perm))
-            grads = _write(grads, g_recv, lax.ppermute(dx, "stage", backward_perm))
-            return (stash, grads, acc), None
+            xs, rs, gs, hs, acc = carry
+            kind, microbatch, j, x, r, g, h, x_recv, g_recv = rows_now[rank]
+            (y, dx, kept, gy, handoff_out), acc = run_op(
+                kind, microbatch, j, _read(xs, x), _read(rs, r), _read(gs, g), _read(hs, h), acc)
+            rs = _write(rs, jnp.where(kind == FORWARD, r, -1), kept)
+            gs = _write(gs, jnp.where(kind == FORWARD, g, -1), gy)  # the last chunk's F only
+            hs = _write(hs, jnp.where(kind == BACKWARD, h, -1), handoff_out)
+            xs = _write(xs, x_recv, lax.ppermute(y, "stage", forward_perm))
+            gs = _write(gs, g_recv, lax.ppermute(dx, "stage", backward_perm))
+            return (xs, rs, gs, hs, acc), None
 
-        buffers = (jax.ShapeDtypeStruct((max(n, 1), *activation.shape), activation.dtype)
-                   for n in (table.stash_slots, table.grad_slots))
-        loss = jax.ShapeDtypeStruct((), activation.dtype)
-        carry = zeros((*buffers, (stack, outer, loss)))
-        (_, _, (d_stack, d_outer, loss)), _ = lax.scan(tick, carry, rows)
+        slots = table.slots
+        loss = jnp.zeros((), activation.dtype)
+        carry = (zeros(activation, slots["x"]), zeros(vjp.kept, slots["r"]),
+                 zeros(activation, slots["g"]), zeros(handoff, slots["h"]),
+                 zeros((stack, outer, loss)))
+        (*_, (d_stack, d_outer, loss)), _ = lax.scan(tick, carry, rows)
         grads = pieces.join(d_outer, jax.tree.map(lambda g: g[:, None], d_stack))
         grads = by_path(grads, plan.params, lambda i, g: lax.psum(g, replicated_over(i))
                          if replicated_over(i) else g)
@@ -205,7 +274,7 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
                      batch: Any, devices: Sequence[jax.Device]) -> Pipelined:
     """The plan's pipelined train step as one SPMD program (see the module doc)."""
-    _check(plan, chunk_layers, schedule)
+    _check(plan, chunk_layers)
     p, v = plan.stages, plan.pipeline.virtual
     mesh = make_mesh(plan, devices)
     stack = pieces.stages.stack + "/"

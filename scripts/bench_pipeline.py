@@ -10,7 +10,7 @@ Three parts, written to one JSON file (default docs/bench_pipeline.json) and pri
    time; a chunk's time is 1 / v of a stage's, so interleaved chunks are v times shorter.
 2. Measured on 8 simulated CPU devices: every schedule and form on a GPT whose
    unpipelined dp8 step takes over a second, against that unpipelined plan doing the same
-   work (the same batch; with remat where the form recomputes the forward in backward).
+   work (the same batch; neither form recomputes the forward in the backward).
    Steps are timed in interleaved rounds, median per configuration.
 3. Megatron-LM's table (data/megatron_gpt_configs.csv, 1.7B ... 1T on 32 ... 3072
    A100-80GB): the pipeline planner's pick and the paper's own (t, p, d), both priced by
@@ -53,7 +53,6 @@ from jaxpar.report import text_table, write_result
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_CSV = ROOT / "data" / "megatron_gpt_configs.csv"
 NUM_DEVICES = 8
-EXECUTED_AS_PRICED = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +70,7 @@ FULL = Settings(
     pipelines=tuple((form, schedule, v, 8, "pp4+dp2")
                     for form in ("mpmd", "spmd")
                     for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2),
-                                        ("zero_bubble_h1", 1))
-                    if (form, schedule) != ("spmd", "zero_bubble_h1"))  # SPMD refuses W ops
+                                        ("zero_bubble_h1", 1)))
     + (("mpmd", "1f1b", 1, 8, "pp8"), ("spmd", "1f1b", 1, 8, "pp8")),
     rounds=5, steps_per_round=2, megatron_rows=None)
 QUICK = Settings(
@@ -139,8 +137,7 @@ def build_run(name: str, plan: jaxpar.Plan, settings: Settings) -> tuple[Run, fl
 
 
 def measured(settings: Settings) -> dict:
-    plans = {"dp8": named_plan("dp8", NUM_DEVICES),
-             "dp8 remat": named_plan("dp8", NUM_DEVICES, remat=True)}
+    plans = {"dp8": named_plan("dp8", NUM_DEVICES)}
     for form, schedule, v, m, spec in settings.pipelines:
         name = f"{form} {schedule}{f' v{v}' if v > 1 else ''} m{m} {spec}"
         plans[name] = named_plan(spec, NUM_DEVICES, microbatches=m,
@@ -158,18 +155,13 @@ def measured(settings: Settings) -> dict:
     configs = []
     for run in runs:
         form = run.name.split()[0] if run.name.split()[0] in ("mpmd", "spmd") else None
-        baseline = None if form is None else ("dp8 remat" if recomputes(form) else "dp8")
+        baseline = None if form is None else "dp8"
         configs.append({
             "name": run.name, "form": form, "median_s": median[run.name],
             "spread": float(np.subtract(*np.percentile(run.times, [75, 25])) / median[run.name]),
             "steps": len(run.times), "compile_s": compile_s[run.name], "baseline": baseline,
             "over_baseline": None if baseline is None else median[run.name] / median[baseline]})
     return {"model": settings.model, "batch": settings.batch, "configs": configs}
-
-
-def recomputes(form: str) -> bool:
-    """Whether the form's backward recomputes the chunk's forward (its baseline uses remat)."""
-    return form == "spmd"
 
 
 # ================================================================ 3. Megatron-LM's table
@@ -186,10 +178,6 @@ def megatron(settings: Settings) -> list[dict]:
             pick, step, remat = pp.name, pp.step_s, pp.stage_plan.remat
         else:
             pick, step, remat = pp.flat.name, pp.flat.predicted.step_s, pp.flat.remat
-        # ZB-H1 picks are priced with the true B / W split, which the MPMD runtime does not
-        # realise yet (docs/pipeline.md): the best pick among the schedules it runs as priced
-        executed = plan_pipeline(graph, cluster, options=MIXED, schedules=EXECUTED_AS_PRICED)
-        executed_step = executed.step_s if executed.pipelined else executed.flat.predicted.step_s
         paper = paper_step(graph, cluster, row)
         flops = {"pick": step_flops(graph, remat), "paper": step_flops(graph, True)}
         per = {k: 1e12 * row["gpus"] * s for k, s in (("pick", step), ("paper", paper))}
@@ -198,8 +186,6 @@ def megatron(settings: Settings) -> list[dict]:
             "batch": row["global_batch"], "paper": f"t{row['t']} p{row['p']} "
             f"d{row['gpus'] // (row['t'] * row['p'])}", "pick": pick, "plan_s": plan_s,
             "pick_step_s": step, "paper_step_s": paper,
-            "pick_without_zb": executed.name if executed.pipelined else executed.flat.name,
-            "pick_without_zb_step_s": executed_step,
             "pick_model_tflops": flops["pick"][0] / per["pick"],
             "pick_hardware_tflops": flops["pick"][1] / per["pick"],
             "paper_model_tflops": flops["paper"][0] / per["paper"],
@@ -236,12 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n== Megatron-LM table, planned (A100-80GB, mixed precision, efficiency 1.0)")
     result["megatron"] = megatron(settings)
     print(text_table(["model", "GPUs", "paper", "pick", "plan s", "pick TF/s model/hw",
-                      "paper TF/s model/hw", "pick/paper", "no-ZB pick/paper"],
+                      "paper TF/s model/hw", "pick/paper"],
                      [[r["model"], r["gpus"], r["paper"], r["pick"], f"{r['plan_s']:.2f}",
                        f"{r['pick_model_tflops']:.0f}/{r['pick_hardware_tflops']:.0f}",
                        f"{r['paper_model_tflops']:.0f}/{r['paper_hardware_tflops']:.0f}",
-                       f"{r['pick_step_s'] / r['paper_step_s']:.2f}",
-                       f"{r['pick_without_zb_step_s'] / r['paper_step_s']:.2f}"]
+                       f"{r['pick_step_s'] / r['paper_step_s']:.2f}"]
                       for r in result["megatron"]]))
 
     print("\n== measured, 8 CPU devices", flush=True)
@@ -269,9 +254,7 @@ def targets(result: dict) -> dict:
         "max_megatron_plan_s": max(r["plan_s"] for r in rows),
         "megatron_plan_under_10s": all(r["plan_s"] < 10 for r in rows),
         "pick_at_least_as_fast_as_paper": all(r["pick_step_s"] <= r["paper_step_s"] * (1 + 1e-9)
-                                              for r in rows),
-        "pick_without_zb_at_least_as_fast_as_paper": all(
-            r["pick_without_zb_step_s"] <= r["paper_step_s"] * (1 + 1e-9) for r in rows)}
+                                              for r in rows)}
 
 
 if __name__ == "__main__":
