@@ -7,7 +7,9 @@ the weight gradient alone recomputes the cotangent chain through the chunk. `spl
 the pullback to a jaxpr with calls and short loops inlined (a `jit`, a `remat`, the `scan`
 over a chunk's layers; longer loops stay whole), then partitions its equations: B keeps
 those the input gradient needs; W keeps the rest of those the weight gradient needs, and
-takes as inputs the values of B's equations they read (the handoff).
+takes as inputs the values of B's equations they read (the handoff), except values B
+computed from the residuals alone with cheap (elementwise, layout) equations: W recomputes
+those, so the handoff holds cotangents and matmul results only.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def inlined(fn: Callable[..., Any], args: Sequence[Any]) -> list:
     return _inlined(closed.jaxpr, closed.consts, args)
 
 
+def _costly(eqn: core.JaxprEqn) -> bool:
+    """Whether W should take `eqn`'s result from B rather than compute it again: a matmul,
+    a convolution, or an equation holding a jaxpr (a loop or branch left whole)."""
+    return eqn.primitive.name in ("dot_general", "conv_general_dilated") or any(
+        isinstance(v, core.Jaxpr | core.ClosedJaxpr) for v in eqn.params.values())
+
+
 def _needed(eqns: Sequence[core.JaxprEqn], outvars: Sequence[Any]) -> list[core.JaxprEqn]:
     """The equations computing `outvars`, in order."""
     live = {v for v in outvars if isinstance(v, core.Var)}
@@ -93,9 +102,11 @@ class Split:
     handoff: tuple[jax.ShapeDtypeStruct, ...]
 
 
-def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[bool]) -> Split:
+def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[bool],
+          cotangents: int = 1) -> Split:
     """Partition `fn(*args)`, whose flat outputs are weight gradients where `weight_outputs`
-    is True and input gradients elsewhere (see the module doc). `args` may be tracers or
+    is True and input gradients elsewhere (see the module doc); its last `cotangents` flat
+    arguments are the output cotangents, the others residuals. `args` may be tracers or
     ShapeDtypeStructs."""
     flat = jax.make_jaxpr(lambda *a: inlined(fn, a))(*args)
     jaxpr = flat.jaxpr
@@ -106,10 +117,25 @@ def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[
     grads_w = [v for v, is_w in zip(outs, weight_outputs) if is_w]
     b_eqns = _needed(jaxpr.eqns, grads_in)
     in_b = set(map(id, b_eqns))
-    by_b = {v for e in b_eqns for v in e.outvars}
-    w_eqns = [e for e in _needed(jaxpr.eqns, grads_w) if id(e) not in in_b]
-    read_by_w = [v for e in w_eqns for v in e.invars] + grads_w
-    handoff = list(dict.fromkeys(v for v in read_by_w if isinstance(v, core.Var) and v in by_b))
+    from_cotangent = set(jaxpr.invars[len(jaxpr.invars) - cotangents:])
+    for eqn in jaxpr.eqns:
+        if any(v in from_cotangent for v in eqn.invars if isinstance(v, core.Var)):
+            from_cotangent.update(eqn.outvars)
+
+    # walking back from the weight gradients: W runs what B does not, and recomputes B's
+    # cheap work on the residuals alone; the rest of B's values it reads are the handoff
+    live = {v for v in grads_w if isinstance(v, core.Var)}
+    w_eqns, handoff = [], []
+    for eqn in reversed(jaxpr.eqns):
+        if not any(v in live for v in eqn.outvars):
+            continue
+        if id(eqn) in in_b and (eqn.outvars[0] in from_cotangent or _costly(eqn)):
+            handoff += [v for v in eqn.outvars if v in live]
+            continue
+        w_eqns.append(eqn)
+        live.update(v for v in eqn.invars if isinstance(v, core.Var))
+    w_eqns.reverse()
+    handoff = list(dict.fromkeys(handoff))
 
     def made(invars: list, outvars: list, eqns: list) -> core.Jaxpr:
         info = jaxpr.debug_info._replace(arg_names=("",) * len(invars),

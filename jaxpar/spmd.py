@@ -8,14 +8,19 @@ tick every rank runs the op of its row (`lax.switch` on the row picked by its st
 then activations move one rank forward and gradients one rank back (cyclic `ppermute`s) into
 the buffer slots the table names.
 
-A backward is an explicit VJP of its chunk from the stashed chunk input: it recomputes the
-chunk forward, so hardware FLOPs are the model FLOPs plus one more forward of the stack, and
-activation memory is the table's buffers (1F1B: p slots, GPipe: m) plus one chunk's
-internals. Chunk 0's backward re-embeds its microbatch (`pieces.pre`), so its input is never
-stashed; the last chunk's backward runs the head and loss (`pieces.post`) after the chunk,
-so its forward has nothing to compute and the loss comes out of its backward. Parameters
-outside the stack are replicated over `stage`; their gradient (pre's part on rank 0, post's
-on rank p - 1) is summed over `stage` once per step.
+F stashes the chunk's VJP residuals (those that are not its weights) and B applies the
+pullback to them; with a zero-bubble schedule B and W are the two halves of that pullback
+(`jaxpar.backward`), B stashing the handoff for W. Each tick copies a residual set in and
+out of the buffer (XLA copies a buffer a conditional writes, so the writes happen outside
+the `lax.switch`), so residuals are kept small: the chunk saves matmul outputs only
+(`jax.checkpoint_policies.dots_saveable`) and B recomputes the elementwise work between
+them; no matmul is recomputed. With the plan's remat, each layer is rematerialised as in
+every other program. Every chunk has the same residual structure, traced once before
+the loop. Chunk 0's F embeds its microbatch (`pieces.pre`) and its B re-embeds it for the
+embedding's gradient; the last chunk's F also runs the head and loss (`pieces.post`) and
+stashes the loss gradient for its B. Parameters outside the stack are replicated over
+`stage`; their gradient (pre's part on rank 0, post's on rank p - 1) is summed over `stage`
+once per step.
 """
 
 from __future__ import annotations
@@ -80,15 +85,16 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _read(buffer: Any, slot: jax.Array) -> Any:
-    """Slot `slot` of a buffer (any slot when -1: the op ignores it)."""
-    return jax.tree.map(lambda b: b[jnp.maximum(slot, 0)], buffer)
+def _get(buffer: Any, slot: jax.Array) -> Any:
+    """Slot `slot` of each array of a buffer (the spare last slot when -1)."""
+    return jax.tree.map(lambda b: b[slot], buffer)
 
 
-def _write(buffer: Any, slot: jax.Array, value: Any) -> Any:
-    """`value` into slot `slot` of a buffer; no change when `slot` is -1."""
-    at = jnp.maximum(slot, 0)
-    return jax.tree.map(lambda b, v: b.at[at].set(jnp.where(slot >= 0, v, b[at])), buffer, value)
+def _put(buffer: Any, slot: jax.Array, value: Any) -> Any:
+    """`value` into slot `slot` of a buffer's arrays, in place; into the spare last slot
+    (where nothing is read from) when -1."""
+    return jax.tree.map(lambda b, v: b.at[jnp.where(slot >= 0, slot, b.shape[0] - 1)].set(v),
+                        buffer, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +164,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
 
     def zeros(tree: Any, slots: int | None = None) -> Any:
         """Zeros like `tree` (leading `slots` dimension when given), varying everywhere."""
-        lead = () if slots is None else (max(slots, 1),)
+        lead = () if slots is None else (slots,)
         return vary(jax.tree.map(lambda a: jnp.zeros((*lead, *a.shape), a.dtype), tree))
 
     def gathered(outer: dict) -> dict:
@@ -171,6 +177,9 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
     def post(outer: dict, x: jax.Array, batch: Any) -> jax.Array:
         return pieces.post(gathered(outer), x, batch)
 
+    chunk_fn = pieces.chunk if plan.remat else jax.checkpoint(
+        pieces.chunk, policy=jax.checkpoint_policies.dots_saveable)
+
     def local(params: dict, batch: Any) -> tuple[jax.Array, dict]:
         # marked varying so that gradients stay per device until the one psum at the end
         params = by_path(params, plan.params, lambda i, x: lax.pcast(
@@ -180,76 +189,87 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         micro = microbatches(batch, m)
         rank = lax.axis_index("stage")
         activation = zeros(jax.eval_shape(pre, outer, jax.tree.map(lambda a: a[0], micro)))
-        vjp = _ChunkVjp.of(pieces.chunk, jax.tree.map(lambda a: a[0], stack), activation,
+        vjp = _ChunkVjp.of(chunk_fn, jax.tree.map(lambda a: a[0], stack), activation,
                            split_backward)
         handoff = [jax.ShapeDtypeStruct(h.shape, h.dtype) for h in
                    (vjp.halves.handoff if vjp.halves else ())]
 
-        def run_op(kind, microbatch, j, x, kept, g, h, acc):
-            """This rank's op on local chunk j: the activation and gradient it sends, the
-            residuals, loss gradient and handoff it stashes (zeros where none) and the
-            accumulators (chunk grads, outer grads, loss sum) updated."""
+        def run_op(kind, microbatch, j, x, r, g, h, buffers, acc):
+            """This rank's op on local chunk j, reading its input activation, residuals,
+            output gradient and handoff from slots x, r, g, h of `buffers`: the activation
+            and gradient it sends, the residuals, loss gradient and handoff it stashes
+            (zeros where none), and the accumulators (chunk grads, outer grads, loss sum)
+            updated. The `lax.switch` only reads the buffers: XLA copies a buffer that a
+            conditional writes."""
             chunk = j * p + rank
             first, last = chunk == 0, chunk == num_chunks - 1
             w = jax.tree.map(lambda a: a[j], stack)
             mb = jax.tree.map(lambda a: a[microbatch], micro)
-            none = (zeros(activation), zeros(activation), zeros(kept), zeros(activation),
-                    zeros(h))
+            nothing = zeros(activation)
+            no_dw = zeros(w)
+            xs, rs, gs, hs = buffers
+            no_kept, no_handoff = zeros(vjp.kept), zeros(handoff)
 
-            def add_weight_grad(acc, dw):
-                d_stack, d_outer, loss = acc
-                return jax.tree.map(lambda a, d: a.at[j].add(d), d_stack, dw), d_outer, loss
-
-            def forward(acc):
-                x_in = lax.cond(first, lambda: vary(pre(outer, mb)), lambda: x)
-                y, stashed = vjp.keep(pieces.chunk, w, x_in)
+            def forward():
+                x_in = lax.cond(first, lambda: vary(pre(outer, mb)), lambda: xs[x])
+                y, stashed = vjp.keep(chunk_fn, w, x_in)
 
                 def head():  # the last chunk's output gradient comes from the loss
-                    d_stack, d_outer, loss = acc
                     value, post_vjp = jax.vjp(lambda o, y: post(o, y, mb), outer, y)
                     d_o, gy = post_vjp(jnp.ones_like(value))
-                    return vary((gy, (d_stack, _add(d_outer, d_o), loss + value)))
+                    return vary((gy, d_o, value))
 
-                gy, acc = lax.cond(last, head, lambda: vary((jnp.zeros_like(y), acc)))
-                return (vary(y), none[1], vary(stashed), gy, none[4]), acc
+                gy, d_o, value = lax.cond(last, head, lambda: zeros((y, outer, acc[2])))
+                return (vary(y), nothing, vary(stashed), gy, no_handoff), (no_dw, d_o, value)
 
-            def embedding(acc, dx):  # chunk 0's input gradient goes on into the embedding
-                def add():
-                    _, pre_vjp = jax.vjp(lambda o: pre(o, mb), outer)
-                    return vary((acc[0], _add(acc[1], pre_vjp(dx)[0]), acc[2]))
-                return lax.cond(first, add, lambda: acc)
-
-            def backward(acc):
-                leaves = vjp.leaves(kept, w)
+            def backward():
+                leaves = vjp.leaves(_get(rs, r), w)
                 if vjp.halves:
-                    (dx,), handoff_out = vjp.halves.b(*leaves, g)
+                    (dx,), handoff = vjp.halves.b(*leaves, gs[g])
+                    dw = no_dw
                 else:
-                    dw, dx = vjp.apply_leaves(*leaves, g)
-                    acc, handoff_out = add_weight_grad(acc, dw), none[4]
-                return (none[0], vary(dx), none[2], none[3], vary(handoff_out)), embedding(acc, dx)
+                    dw, dx = vjp.apply_leaves(*leaves, gs[g])
+                    handoff = no_handoff
 
-            def weight(acc):
-                dw = vjp.halves.w(*vjp.leaves(kept, w), g, *h)
-                return none, add_weight_grad(acc, jax.tree.unflatten(jax.tree.structure(w), dw))
+                def embedding():  # chunk 0's input gradient goes on into the embedding
+                    _, pre_vjp = jax.vjp(lambda o: pre(o, mb), outer)
+                    return vary(pre_vjp(dx)[0])
 
-            branches = [lambda acc: (none, acc), forward, backward]
-            if vjp.halves:
-                branches.append(weight)
-            return lax.switch(kind, branches, acc)
+                d_o = lax.cond(first, embedding, lambda: zeros(outer))
+                return ((nothing, vary(dx), no_kept, nothing, vary(handoff)),
+                        (vary(dw), d_o, zeros(acc[2])))
+
+            def weight():
+                dw = vjp.halves.w(*vjp.leaves(_get(rs, r), w), gs[g], *_get(hs, h))
+                dw = jax.tree.unflatten(jax.tree.structure(w), dw)
+                return ((nothing, nothing, no_kept, nothing, no_handoff),
+                        (vary(dw), zeros(outer), zeros(acc[2])))
+
+            def idle():
+                return ((nothing, nothing, no_kept, nothing, no_handoff),
+                        (no_dw, zeros(outer), zeros(acc[2])))
+
+            branches = [idle, forward, backward] + ([weight] if vjp.halves else [])
+            sends, (dw, d_o, value) = lax.switch(kind, branches)
+            d_stack, d_outer, loss = acc
+            d_stack = jax.tree.map(lambda a, d: a.at[j].add(d), d_stack, dw)
+            return sends, (d_stack, _add(d_outer, d_o), loss + value)
 
         def tick(carry, rows_now):
             xs, rs, gs, hs, acc = carry
             kind, microbatch, j, x, r, g, h, x_recv, g_recv = rows_now[rank]
-            (y, dx, kept, gy, handoff_out), acc = run_op(
-                kind, microbatch, j, _read(xs, x), _read(rs, r), _read(gs, g), _read(hs, h), acc)
-            rs = _write(rs, jnp.where(kind == FORWARD, r, -1), kept)
-            gs = _write(gs, jnp.where(kind == FORWARD, g, -1), gy)  # the last chunk's F only
-            hs = _write(hs, jnp.where(kind == BACKWARD, h, -1), handoff_out)
-            xs = _write(xs, x_recv, lax.ppermute(y, "stage", forward_perm))
-            gs = _write(gs, g_recv, lax.ppermute(dx, "stage", backward_perm))
+            (y, dx, kept, gy, handoff), acc = run_op(
+                kind, microbatch, j, x, r, g, h, (xs, rs, gs, hs), acc)
+            # what the op stashes goes to its slot, anything else to the spare last slot
+            rs = _put(rs, jnp.where(kind == FORWARD, r, -1), kept)
+            gs = _put(gs, jnp.where((kind == FORWARD) & (g >= 0), g, -1), gy)
+            hs = _put(hs, jnp.where(kind == BACKWARD, h, -1), handoff)
+            xs = _put(xs, x_recv, lax.ppermute(y, "stage", forward_perm))
+            gs = _put(gs, g_recv, lax.ppermute(dx, "stage", backward_perm))
             return (xs, rs, gs, hs, acc), None
 
-        slots = table.slots
+        # every buffer has a spare last slot, where writes for nobody land
+        slots = {kind: n + 1 for kind, n in table.slots.items()}
         loss = jnp.zeros((), activation.dtype)
         carry = (zeros(activation, slots["x"]), zeros(vjp.kept, slots["r"]),
                  zeros(activation, slots["g"]), zeros(handoff, slots["h"]),

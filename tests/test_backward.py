@@ -1,5 +1,6 @@
 """The backward split into B (input gradient) and W (weight gradient) gives the pullback's
-gradients and does its work once: B's and W's FLOPs add up to the fused backward's."""
+gradients and does its work once: B's and W's FLOPs add up to the fused backward's, plus
+the cheap elementwise values W recomputes rather than receive from B (under 2%)."""
 
 import jax
 import numpy as np
@@ -46,5 +47,5 @@ def test_split_equals_pullback_and_does_its_work_once(remat):
     # the fused backward's loop over layers counts once in XLA's cost analysis: unroll it
     fused = flops(lambda *a: backward.inlined(fn, a), *args)
     b, w = flops(halves.b, *args), flops(halves.w, *args, *handoff)
-    assert (b + w) / fused == pytest.approx(1.0, abs=0.01)
+    assert 1.0 - 1e-3 <= (b + w) / fused <= 1.02
     assert 0.3 < b / fused < 0.7 and 0.3 < w / fused < 0.7
