@@ -44,7 +44,7 @@ from jaxpar.trace import abstract_params
 ROOT = Path(__file__).resolve().parents[1]
 NUM_DEVICES, RTOL, ATOL = 8, 1e-4, 1e-7
 VOCAB, LENGTH, BATCH = 32, 8, 32
-MODEL = gpt.build("tiny", layers=16, embed=16, heads=2, mlp=32, length=LENGTH, vocab=VOCAB)
+MODEL = gpt.build("tiny", layers=16, embed=32, heads=4, mlp=64, length=LENGTH, vocab=VOCAB)
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble_h1", 1))
 
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python scripts/check_pipeline_grid.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__, "python": platform.python_version(), "quick": args.quick,
-        "model": "gpt tiny: 16 layers, embed 16, 2 heads, mlp 32, length 8, vocab 32",
+        "model": "gpt tiny: 16 layers, embed 32, 4 heads, mlp 64, length 8, vocab 32",
         "batch": BATCH, "tolerance": {"rtol": RTOL, "atol": ATOL},
         "excess": "max |got - want| / (atol + rtol |want|) over entries; <= 1 passes"},
         "cases": rows}

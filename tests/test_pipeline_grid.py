@@ -1,0 +1,13 @@
+"""Smoke test of scripts/check_pipeline_grid.py --quick (ZB-H1, pp2+tp4, m4, both forms): it
+runs, compares with the single-device gradient and writes every field. The whole grid's
+result is docs/pipeline_grid.json."""
+
+
+def test_quick_grid_equals_single_device(quick_bench):
+    result = quick_bench("check_pipeline_grid.py")
+    cases = result["cases"]
+    assert {c["form"] for c in cases} == {"mpmd", "spmd"}
+    assert all(c["schedule"] == "zero_bubble_h1" and c["equal"] for c in cases)
+    assert result["targets"] == {"cases": 2, "all_equal": True,
+                                 "max_grad_excess": max(c["grad_excess"] for c in cases)}
+    assert 0 <= result["targets"]["max_grad_excess"] <= 1
