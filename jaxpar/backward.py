@@ -25,7 +25,7 @@ from jax.extend import core
 # loops of at most this many steps are unrolled, so that W can take over their per-step
 # weight-gradient work; a longer loop stays one equation, recomputed in W if W needs it
 MAX_UNROLL = 64
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
+_CALLS = ("jit", "pjit", "closed_call", "call", "checkpoint", "remat2")
 
 
 def _inlined(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
@@ -43,7 +43,7 @@ def _inlined(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
             body = params.get("jaxpr", params.get("call_jaxpr"))
             outs = (_inlined(body.jaxpr, body.consts, ins) if isinstance(body, core.ClosedJaxpr)
                     else _inlined(body, (), ins))
-        elif name == "scan" and params["length"] <= MAX_UNROLL:
+        elif name == "scan" and 0 < params["length"] <= MAX_UNROLL:
             outs = _unrolled_scan(ins, **params)
         else:
             with eqn.ctx.manager:
@@ -76,9 +76,15 @@ def inlined(fn: Callable[..., Any], args: Sequence[Any]) -> list:
 
 def _costly(eqn: core.JaxprEqn) -> bool:
     """Whether W should take `eqn`'s result from B rather than compute it again: a matmul,
-    a convolution, or an equation holding a jaxpr (a loop or branch left whole)."""
-    return eqn.primitive.name in ("dot_general", "conv_general_dilated") or any(
-        isinstance(v, core.Jaxpr | core.ClosedJaxpr) for v in eqn.params.values())
+    a convolution, an equation with effects, or one holding jaxprs (a loop or branches left
+    whole)."""
+    def holds_jaxpr(v: Any) -> bool:
+        if isinstance(v, tuple | list):
+            return any(map(holds_jaxpr, v))
+        return isinstance(v, core.Jaxpr | core.ClosedJaxpr)
+
+    return (eqn.primitive.name in ("dot_general", "conv_general_dilated") or bool(eqn.effects)
+            or any(map(holds_jaxpr, eqn.params.values())))
 
 
 def _needed(eqns: Sequence[core.JaxprEqn], outvars: Sequence[Any]) -> list[core.JaxprEqn]:
@@ -140,7 +146,8 @@ def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[
     def made(invars: list, outvars: list, eqns: list) -> core.Jaxpr:
         info = jaxpr.debug_info._replace(arg_names=("",) * len(invars),
                                          result_paths=("",) * len(outvars))
-        return core.Jaxpr(jaxpr.constvars, invars, outvars, eqns, debug_info=info)
+        effects = core.no_effects.union(*(e.effects for e in eqns))
+        return core.Jaxpr(jaxpr.constvars, invars, outvars, eqns, effects, debug_info=info)
 
     b_jaxpr = made(jaxpr.invars, [*grads_in, *handoff], b_eqns)
     w_jaxpr = made([*jaxpr.invars, *handoff], grads_w, w_eqns)
@@ -151,5 +158,5 @@ def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[
         out = b_run(*a)
         return out[:len(grads_in)], out[len(grads_in):]
 
-    return Split(b, lambda *a: w_run(*a),
+    return Split(b, w_run,
                  tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in handoff))

@@ -4,7 +4,7 @@ submesh, dispatched from Python in the schedule's order.
 Stage r owns the devices `mesh.devices[r]` of the plan's mesh. Inside a stage the plan
 without its `stage` axis lays tensors out, GSPMD-automatic (`jaxpar.constrain` places the
 activations: dp splits the batch over `data`, tp the heads and mlp over `tensor`).
-Chunk c runs on stage c mod p with three programs, all from one `jax.vjp` of the chunk:
+Chunk c runs on stage c mod p with programs all from one `jax.vjp` of the chunk:
 
 - F: forward (chunk 0 first runs `pre`, the last chunk ends with `post` and returns the
   microbatch loss), returning the output and the VJP residuals. Residuals that are F's own
@@ -12,6 +12,7 @@ Chunk c runs on stage c mod p with three programs, all from one `jax.vjp` of the
   buffer: B is handed those inputs again, so the stash holds activations only.
 - B: the input gradient, with the weight gradient added into the chunk's accumulator in
   the same pullback. The last chunk starts from d(mean loss)/d(loss) = 1/m.
+- With a zero-bubble schedule, B and W instead: the two halves of that pullback.
 
 Zero-bubble schedules split the backward (`jaxpar.backward`): B computes the input gradient
 and hands W the intermediate cotangents the weight gradient needs, so B and W together do
@@ -103,7 +104,7 @@ class _Residuals:
     halves: Split | None = None  # the backward as B and W, traced with B
     output: jax.ShapeDtypeStruct | None = None
 
-    def split(self, pullback: Any, inputs: tuple) -> list:
+    def record(self, pullback: Any, inputs: tuple) -> list:
         leaves, self.tree = jax.tree.flatten(pullback)
         given = jax.tree.leaves(inputs)
         self.known = len(jax.tree.leaves(inputs[:2]))
@@ -150,7 +151,7 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
         with stage.tracing():
             y, pullback = jax.vjp(lambda p, h: run(p, h, batch), params, x)
         residuals.output = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        return y, residuals.split(pullback, (params, batch, x))
+        return y, residuals.record(pullback, (params, batch, x))
 
     def output_grad(dy):
         if dy is None:  # the loss: each microbatch's is 1/m of the step's

@@ -18,9 +18,9 @@ them; no matmul is recomputed. With the plan's remat, each layer is rematerialis
 every other program. Every chunk has the same residual structure, traced once before
 the loop. Chunk 0's F embeds its microbatch (`pieces.pre`) and its B re-embeds it for the
 embedding's gradient; the last chunk's F also runs the head and loss (`pieces.post`) and
-stashes the loss gradient for its B. Parameters outside the stack are replicated over
-`stage`; their gradient (pre's part on rank 0, post's on rank p - 1) is summed over `stage`
-once per step.
+stashes the loss gradient for its backward. Parameters outside the stack are replicated
+over `stage`; their gradient (pre's part on rank 0, post's on rank p - 1) is summed over
+`stage` once per step.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class _ChunkVjp:
     @classmethod
     def of(cls, chunk: Callable, w: Any, x: jax.Array, split_backward: bool) -> _ChunkVjp:
         """Trace the pullback of `chunk` at (w, x), tracers of the tick loop's trace."""
-        _, pullback = jax.vjp(chunk, w, x)
+        y, pullback = jax.vjp(chunk, w, x)
         leaves, tree = jax.tree.flatten(pullback)
         weights = jax.tree.leaves(w)
         source = tuple(next((i for i, a in enumerate(weights) if a is leaf), None)
@@ -121,7 +121,7 @@ class _ChunkVjp:
         vjp = cls(tree, source, kept, None)
         if not split_backward:
             return vjp
-        halves = backward_split(vjp.apply_leaves, [*leaves, x], [True] * len(weights) + [False])
+        halves = backward_split(vjp.apply_leaves, [*leaves, y], [True] * len(weights) + [False])
         return dataclasses.replace(vjp, halves=halves)
 
     def keep(self, chunk: Callable, w: Any, x: jax.Array) -> tuple[jax.Array, list]:
@@ -191,8 +191,9 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         activation = zeros(jax.eval_shape(pre, outer, jax.tree.map(lambda a: a[0], micro)))
         vjp = _ChunkVjp.of(chunk_fn, jax.tree.map(lambda a: a[0], stack), activation,
                            split_backward)
-        handoff = [jax.ShapeDtypeStruct(h.shape, h.dtype) for h in
-                   (vjp.halves.handoff if vjp.halves else ())]
+        handoff_shapes = list(vjp.halves.handoff) if vjp.halves else []
+        loss_shape = jax.eval_shape(lambda: post(outer, activation,
+                                                 jax.tree.map(lambda a: a[0], micro)))
 
         def run_op(kind, microbatch, j, x, r, g, h, buffers, acc):
             """This rank's op on local chunk j, reading its input activation, residuals,
@@ -208,7 +209,8 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
             nothing = zeros(activation)
             no_dw = zeros(w)
             xs, rs, gs, hs = buffers
-            no_kept, no_handoff = zeros(vjp.kept), zeros(handoff)
+            no_kept, no_handoff = zeros(vjp.kept), zeros(handoff_shapes)
+            no_loss = zeros(loss_shape)
 
             def forward():
                 x_in = lax.cond(first, lambda: vary(pre(outer, mb)), lambda: xs[x])
@@ -219,51 +221,51 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
                     d_o, gy = post_vjp(jnp.ones_like(value))
                     return vary((gy, d_o, value))
 
-                gy, d_o, value = lax.cond(last, head, lambda: zeros((y, outer, acc[2])))
+                gy, d_o, value = lax.cond(last, head, lambda: zeros((y, outer, loss_shape)))
                 return (vary(y), nothing, vary(stashed), gy, no_handoff), (no_dw, d_o, value)
 
             def backward():
                 leaves = vjp.leaves(_get(rs, r), w)
                 if vjp.halves:
-                    (dx,), handoff = vjp.halves.b(*leaves, gs[g])
+                    (dx,), handoff_out = vjp.halves.b(*leaves, gs[g])
                     dw = no_dw
                 else:
                     dw, dx = vjp.apply_leaves(*leaves, gs[g])
-                    handoff = no_handoff
+                    handoff_out = no_handoff
 
                 def embedding():  # chunk 0's input gradient goes on into the embedding
                     _, pre_vjp = jax.vjp(lambda o: pre(o, mb), outer)
                     return vary(pre_vjp(dx)[0])
 
                 d_o = lax.cond(first, embedding, lambda: zeros(outer))
-                return ((nothing, vary(dx), no_kept, nothing, vary(handoff)),
-                        (vary(dw), d_o, zeros(acc[2])))
+                return ((nothing, vary(dx), no_kept, nothing, vary(handoff_out)),
+                        (vary(dw), d_o, no_loss))
 
             def weight():
                 dw = vjp.halves.w(*vjp.leaves(_get(rs, r), w), gs[g], *_get(hs, h))
                 dw = jax.tree.unflatten(jax.tree.structure(w), dw)
                 return ((nothing, nothing, no_kept, nothing, no_handoff),
-                        (vary(dw), zeros(outer), zeros(acc[2])))
+                        (vary(dw), zeros(outer), no_loss))
 
             def idle():
                 return ((nothing, nothing, no_kept, nothing, no_handoff),
-                        (no_dw, zeros(outer), zeros(acc[2])))
+                        (no_dw, zeros(outer), no_loss))
 
             branches = [idle, forward, backward] + ([weight] if vjp.halves else [])
-            sends, (dw, d_o, value) = lax.switch(kind, branches)
+            moved, (dw, d_o, value) = lax.switch(kind, branches)
             d_stack, d_outer, loss = acc
             d_stack = jax.tree.map(lambda a, d: a.at[j].add(d), d_stack, dw)
-            return sends, (d_stack, _add(d_outer, d_o), loss + value)
+            return moved, (d_stack, _add(d_outer, d_o), loss + value)
 
         def tick(carry, rows_now):
             xs, rs, gs, hs, acc = carry
             kind, microbatch, j, x, r, g, h, x_recv, g_recv = rows_now[rank]
-            (y, dx, kept, gy, handoff), acc = run_op(
+            (y, dx, kept, gy, handoff_out), acc = run_op(
                 kind, microbatch, j, x, r, g, h, (xs, rs, gs, hs), acc)
             # what the op stashes goes to its slot, anything else to the spare last slot
             rs = _put(rs, jnp.where(kind == FORWARD, r, -1), kept)
-            gs = _put(gs, jnp.where((kind == FORWARD) & (g >= 0), g, -1), gy)
-            hs = _put(hs, jnp.where(kind == BACKWARD, h, -1), handoff)
+            gs = _put(gs, jnp.where(kind == FORWARD, g, -1), gy)
+            hs = _put(hs, jnp.where(kind == BACKWARD, h, -1), handoff_out)
             xs = _put(xs, x_recv, lax.ppermute(y, "stage", forward_perm))
             gs = _put(gs, g_recv, lax.ppermute(dx, "stage", backward_perm))
             return (xs, rs, gs, hs, acc), None
@@ -272,8 +274,8 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         slots = {kind: n + 1 for kind, n in table.slots.items()}
         loss = jnp.zeros((), activation.dtype)
         carry = (zeros(activation, slots["x"]), zeros(vjp.kept, slots["r"]),
-                 zeros(activation, slots["g"]), zeros(handoff, slots["h"]),
-                 zeros((stack, outer, loss)))
+                 zeros(activation, slots["g"]), zeros(handoff_shapes, slots["h"]),
+                 zeros((stack, outer, loss_shape)))
         (*_, (d_stack, d_outer, loss)), _ = lax.scan(tick, carry, rows)
         grads = pieces.join(d_outer, jax.tree.map(lambda g: g[:, None], d_stack))
         grads = by_path(grads, plan.params, lambda i, g: lax.psum(g, replicated_over(i))

@@ -7,7 +7,7 @@ def test_quick_grid_equals_single_device(quick_bench):
     result = quick_bench("check_pipeline_grid.py")
     cases = result["cases"]
     assert {c["form"] for c in cases} == {"mpmd", "spmd"}
-    assert all(c["schedule"] == "zero_bubble_h1" and c["equal"] for c in cases)
-    assert result["targets"] == {"cases": 2, "all_equal": True,
-                                 "max_grad_excess": max(c["grad_excess"] for c in cases)}
-    assert 0 <= result["targets"]["max_grad_excess"] <= 1
+    assert all(c["schedule"] == "zero_bubble_h1" for c in cases)
+    for c in cases:  # errors within the tolerance, and not exactly zero (it really compared)
+        assert 0 < c["grad_excess"] <= 1 and c["loss_excess"] <= 1 and c["equal"]
+    assert result["targets"]["cases"] == 2 and result["targets"]["all_equal"]
