@@ -99,6 +99,40 @@ def _needed(eqns: Sequence[core.JaxprEqn], outvars: Sequence[Any]) -> list[core.
 
 
 @dataclasses.dataclass(frozen=True)
+class Stash:
+    """What a pipeline stashes of a pullback `jax.vjp` returned: its residual leaves, minus
+    those that are leaves of the inputs it was taken at (weights, the batch: the runtime has
+    them anyway and hands them back). `source[i]`: the input leaf residual i is, or None
+    (stashed). The leaves are matched by identity while tracing; the same code traced again
+    gives the same positions."""
+
+    tree: Any
+    source: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, pullback: Any, inputs: Any) -> tuple[Stash, list]:
+        """The layout of `pullback` at `inputs`, and the residuals to stash."""
+        leaves, tree = jax.tree.flatten(pullback)
+        given = jax.tree.leaves(inputs)
+        stash = cls(tree, tuple(next((i for i, g in enumerate(given) if g is leaf), None)
+                                for leaf in leaves))
+        return stash, stash.kept(pullback)
+
+    def kept(self, pullback: Any) -> list:
+        """The residuals to stash of a pullback traced like the one recorded."""
+        return [leaf for leaf, i in zip(jax.tree.leaves(pullback), self.source) if i is None]
+
+    def leaves(self, kept: list, inputs: Any) -> list:
+        """Every residual leaf again, from the stashed ones and the inputs."""
+        given, kept = jax.tree.leaves(inputs), iter(kept)
+        return [next(kept) if i is None else given[i] for i in self.source]
+
+    def apply(self, *args: Any) -> Any:
+        """(*residual leaves, output cotangent) -> the pullback's gradients."""
+        return jax.tree.unflatten(self.tree, args[:-1])(args[-1])
+
+
+@dataclasses.dataclass(frozen=True)
 class Split:
     """`b(*args) -> (input gradients, handoff)` and `w(*args, *handoff) -> weight gradients`,
     flat lists; `args` are the traced function's flat arguments."""
@@ -108,19 +142,15 @@ class Split:
     handoff: tuple[jax.ShapeDtypeStruct, ...]
 
 
-def split(fn: Callable[..., Any], args: Sequence[Any], weight_outputs: Sequence[bool],
+def split(fn: Callable[..., Any], args: Sequence[Any], weight_grads: int,
           cotangents: int = 1) -> Split:
-    """Partition `fn(*args)`, whose flat outputs are weight gradients where `weight_outputs`
-    is True and input gradients elsewhere (see the module doc); its last `cotangents` flat
-    arguments are the output cotangents, the others residuals. `args` may be tracers or
+    """Partition `fn(*args)`, whose first `weight_grads` flat outputs are weight gradients
+    and the rest input gradients (see the module doc); its last `cotangents` flat arguments
+    are the output cotangents, the others residuals. `args` may be tracers or
     ShapeDtypeStructs."""
     flat = jax.make_jaxpr(lambda *a: inlined(fn, a))(*args)
     jaxpr = flat.jaxpr
-    outs = jaxpr.outvars
-    if len(outs) != len(weight_outputs):
-        raise ValueError(f"{len(weight_outputs)} output flags for {len(outs)} outputs")
-    grads_in = [v for v, is_w in zip(outs, weight_outputs) if not is_w]
-    grads_w = [v for v, is_w in zip(outs, weight_outputs) if is_w]
+    grads_w, grads_in = jaxpr.outvars[:weight_grads], jaxpr.outvars[weight_grads:]
     b_eqns = _needed(jaxpr.eqns, grads_in)
     in_b = set(map(id, b_eqns))
     from_cotangent = set(jaxpr.invars[len(jaxpr.invars) - cotangents:])

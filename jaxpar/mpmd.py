@@ -44,7 +44,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
-from jaxpar.backward import Split
+from jaxpar.backward import Split, Stash
 from jaxpar.backward import split as backward_split
 from jaxpar.devices import make_mesh
 from jaxpar.emit import TrainState, apply_gradients, by_path, state_sharding_of
@@ -93,33 +93,23 @@ class _Stage:
 
 @dataclasses.dataclass
 class _Residuals:
-    """How B rebuilds F's pullback: its tree, and for each residual the index of the F input
-    it is (handed to B again) or None (returned by F and stashed). F's inputs are
-    (params, batch, x), so the chunk input x is stashed only when a residual is x itself.
-    Recorded while F traces; B and W trace after F, for the same shapes."""
+    """How B rebuilds F's pullback (`stash`, over F's inputs (params, batch, x): the chunk
+    input x is stashed only when a residual is x itself), recorded while F traces; B and W
+    trace after F, for the same shapes."""
 
-    tree: Any = None
-    source: tuple[int | None, ...] = ()
+    stash: Stash | None = None
     known: int = 0  # leaves of (params, batch): the driver has them without a stash
     halves: Split | None = None  # the backward as B and W, traced with B
     output: jax.ShapeDtypeStruct | None = None
 
     def record(self, pullback: Any, inputs: tuple) -> list:
-        leaves, self.tree = jax.tree.flatten(pullback)
-        given = jax.tree.leaves(inputs)
+        self.stash, kept = Stash.of(pullback, inputs)
         self.known = len(jax.tree.leaves(inputs[:2]))
-        self.source = tuple(next((i for i, g in enumerate(given) if g is leaf), None)
-                            for leaf in leaves)
-        return [leaf for leaf, i in zip(leaves, self.source) if i is None]
-
-    def pullback(self, kept: list, inputs: tuple) -> Callable:
-        given, kept = jax.tree.leaves(inputs), iter(kept)
-        return jax.tree.unflatten(
-            self.tree, [next(kept) if i is None else given[i] for i in self.source])
+        return kept
 
     @property
     def needs_input(self) -> bool:
-        return any(i is not None and i >= self.known for i in self.source)
+        return any(i is not None and i >= self.known for i in self.stash.source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,18 +150,16 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
 
     def backward(params, batch, x, kept, dy, acc):
         with stage.tracing():
-            d_params, dx = residuals.pullback(kept, (params, batch, x))(output_grad(dy))
+            d_params, dx = residuals.stash.apply(
+                *residuals.stash.leaves(kept, (params, batch, x)), output_grad(dy))
         return dx, _add(acc, d_params)
 
     def split_args(params, batch, x, kept, dy):
-        pullback = residuals.pullback(kept, (params, batch, x))
-        leaves, tree = jax.tree.flatten(pullback)
-        args = [*leaves, output_grad(dy)]
+        args = [*residuals.stash.leaves(kept, (params, batch, x)), output_grad(dy)]
         if residuals.halves is None:
             with stage.tracing():
-                residuals.halves = backward_split(
-                    lambda *a: jax.tree.unflatten(tree, a[:-1])(a[-1]), args,
-                    [True] * len(jax.tree.leaves(params)) + [False] * (not first))
+                residuals.halves = backward_split(residuals.stash.apply, args,
+                                                  len(jax.tree.leaves(params)))
         return args
 
     def input_grad(params, batch, x, kept, dy):

@@ -37,7 +37,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
-from jaxpar.backward import Split
+from jaxpar.backward import Split, Stash
 from jaxpar.backward import split as backward_split
 from jaxpar.devices import make_mesh
 from jaxpar.emit import TrainState, apply_gradients, by_path, init_state, require_layer
@@ -99,13 +99,12 @@ def _put(buffer: Any, slot: jax.Array, value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _ChunkVjp:
-    """A chunk's pullback as the tick loop stores it: the residuals that are not the chunk's
-    weights (`kept`, stashed by F) and how B rebuilds the pullback from them and the weights
-    (`tree`; `source[i]`: the weight leaf residual i is, or None). `halves` is the backward
-    split into B and W (`jaxpar.backward`) when the schedule splits it."""
+    """A chunk's pullback as the tick loop stores it: `stash` says which residuals are the
+    chunk's weights (rebuilt from them, not stashed); `kept` are the others as traced once
+    before the loop (their shapes size the buffer); `halves` is the backward split into B
+    and W (`jaxpar.backward`) when the schedule splits it."""
 
-    tree: Any
-    source: tuple[int | None, ...]
+    stash: Stash
     kept: list
     halves: Split | None
 
@@ -113,30 +112,17 @@ class _ChunkVjp:
     def of(cls, chunk: Callable, w: Any, x: jax.Array, split_backward: bool) -> _ChunkVjp:
         """Trace the pullback of `chunk` at (w, x), tracers of the tick loop's trace."""
         y, pullback = jax.vjp(chunk, w, x)
-        leaves, tree = jax.tree.flatten(pullback)
-        weights = jax.tree.leaves(w)
-        source = tuple(next((i for i, a in enumerate(weights) if a is leaf), None)
-                       for leaf in leaves)
-        kept = [leaf for leaf, i in zip(leaves, source) if i is None]
-        vjp = cls(tree, source, kept, None)
-        if not split_backward:
-            return vjp
-        halves = backward_split(vjp.apply_leaves, [*leaves, y], [True] * len(weights) + [False])
-        return dataclasses.replace(vjp, halves=halves)
+        stash, kept = Stash.of(pullback, w)
+        halves = None
+        if split_backward:
+            halves = backward_split(stash.apply, [*jax.tree.leaves(pullback), y],
+                                    len(jax.tree.leaves(w)))
+        return cls(stash, kept, halves)
 
     def keep(self, chunk: Callable, w: Any, x: jax.Array) -> tuple[jax.Array, list]:
         """F: the chunk's output and its residuals to stash."""
         y, pullback = jax.vjp(chunk, w, x)
-        leaves = jax.tree.leaves(pullback)
-        return y, [leaf for leaf, i in zip(leaves, self.source) if i is None]
-
-    def leaves(self, kept: list, w: Any) -> list:
-        weights, kept = jax.tree.leaves(w), iter(kept)
-        return [next(kept) if i is None else weights[i] for i in self.source]
-
-    def apply_leaves(self, *args: Any) -> Any:
-        """(*residual leaves, dy) -> (weight gradient, input gradient)."""
-        return jax.tree.unflatten(self.tree, args[:-1])(args[-1])
+        return y, self.stash.kept(pullback)
 
 
 def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
@@ -225,12 +211,12 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
                 return (vary(y), nothing, vary(stashed), gy, no_handoff), (no_dw, d_o, value)
 
             def backward():
-                leaves = vjp.leaves(_get(rs, r), w)
+                leaves = vjp.stash.leaves(_get(rs, r), w)
                 if vjp.halves:
                     (dx,), handoff_out = vjp.halves.b(*leaves, gs[g])
                     dw = no_dw
                 else:
-                    dw, dx = vjp.apply_leaves(*leaves, gs[g])
+                    dw, dx = vjp.stash.apply(*leaves, gs[g])
                     handoff_out = no_handoff
 
                 def embedding():  # chunk 0's input gradient goes on into the embedding
@@ -242,7 +228,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
                         (vary(dw), d_o, no_loss))
 
             def weight():
-                dw = vjp.halves.w(*vjp.leaves(_get(rs, r), w), gs[g], *_get(hs, h))
+                dw = vjp.halves.w(*vjp.stash.leaves(_get(rs, r), w), gs[g], *_get(hs, h))
                 dw = jax.tree.unflatten(jax.tree.structure(w), dw)
                 return ((nothing, nothing, no_kept, nothing, no_handoff),
                         (vary(dw), zeros(outer), no_loss))

@@ -19,7 +19,8 @@ def flops(fn, *args) -> float:
 
 
 def chunk_pullback(remat: bool):
-    """A four-layer GPT chunk's pullback as fn(*residuals, dy) -> (weight grads, dx)."""
+    """A four-layer GPT chunk's pullback as fn(*residuals, dy) -> (weight grads, dx), its
+    residuals and dy, and the number of weight gradients."""
     pieces = Pieces.of(MODEL, gpt.lm_stages)
     with nnx.use_eager_sharding(False):
         params = nnx.state(MODEL(nnx.Rngs(0)), nnx.Param).to_pure_dict()
@@ -27,16 +28,15 @@ def chunk_pullback(remat: bool):
     chunk = jax.checkpoint(pieces.chunk) if remat else pieces.chunk
     x = jax.random.normal(jax.random.key(1), (4, 32, 64))
     _, pullback = jax.vjp(chunk, stack, x)
-    leaves, tree = jax.tree.flatten(pullback)
-    args = [*leaves, jax.random.normal(jax.random.key(2), x.shape)]
-    num_weights = len(jax.tree.leaves(stack))
-    return (lambda *a: jax.tree.unflatten(tree, a[:-1])(a[-1])), args, num_weights
+    stash, _ = backward.Stash.of(pullback, stack)
+    args = [*jax.tree.leaves(pullback), jax.random.normal(jax.random.key(2), x.shape)]
+    return stash.apply, args, len(jax.tree.leaves(stack))
 
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_split_equals_pullback_and_does_its_work_once(remat):
     fn, args, num_weights = chunk_pullback(remat)
-    halves = backward.split(fn, args, [True] * num_weights + [False])
+    halves = backward.split(fn, args, num_weights)
     dx, handoff = jax.jit(halves.b)(*args)
     dw = jax.jit(halves.w)(*args, *handoff)
     want = jax.tree.leaves(fn(*args))
