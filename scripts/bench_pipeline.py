@@ -159,7 +159,8 @@ def measured(settings: Settings) -> dict:
         configs.append({
             "name": run.name, "form": form, "median_s": median[run.name],
             "spread": float(np.subtract(*np.percentile(run.times, [75, 25])) / median[run.name]),
-            "steps": len(run.times), "compile_s": compile_s[run.name], "baseline": baseline,
+            "steps": len(run.times), "times_s": run.times, "compile_s": compile_s[run.name],
+            "baseline": baseline,
             "over_baseline": None if baseline is None else median[run.name] / median[baseline]})
     return {"model": settings.model, "batch": settings.batch, "configs": configs}
 
