@@ -174,12 +174,12 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         stack = jax.tree.map(lambda w: w[:, 0], pieces.stacked(params))  # (v, k, ...)
         micro = microbatches(batch, m)
         rank = lax.axis_index("stage")
-        activation = zeros(jax.eval_shape(pre, outer, jax.tree.map(lambda a: a[0], micro)))
+        one_microbatch = jax.tree.map(lambda a: a[0], micro)
+        activation = zeros(jax.eval_shape(pre, outer, one_microbatch))
         vjp = _ChunkVjp.of(chunk_fn, jax.tree.map(lambda a: a[0], stack), activation,
                            split_backward)
         handoff_shapes = list(vjp.halves.handoff) if vjp.halves else []
-        loss_shape = jax.eval_shape(lambda: post(outer, activation,
-                                                 jax.tree.map(lambda a: a[0], micro)))
+        loss_shape = jax.eval_shape(post, outer, activation, one_microbatch)
 
         def run_op(kind, microbatch, j, x, r, g, h, buffers, acc):
             """This rank's op on local chunk j, reading its input activation, residuals,

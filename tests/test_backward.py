@@ -47,5 +47,6 @@ def test_split_equals_pullback_and_does_its_work_once(remat):
     # the fused backward's loop over layers counts once in XLA's cost analysis: unroll it
     fused = flops(lambda *a: backward.inlined(fn, a), *args)
     b, w = flops(halves.b, *args), flops(halves.w, *args, *handoff)
-    assert 1.0 - 1e-3 <= (b + w) / fused <= 1.02
+    assert b + w >= 0.999 * fused, (b, w, fused)  # nothing of the backward is lost
+    assert b + w <= 1.02 * fused, (b, w, fused)  # and nothing but elementwise work redone
     assert 0.3 < b / fused < 0.7 and 0.3 < w / fused < 0.7
