@@ -3,8 +3,9 @@
 Datasheets say nothing about the CPU mesh and flatter real hardware, so `calibrate()` times
 matmuls, memory streaming and collectives on the devices it runs on, fits the collective
 model the planners use (latency growing with the participants, plus bytes over bandwidth),
-and caches the result (with the raw timings and per-kind fits, for fit-quality reports) as
-JSON.
+then times training steps of two probe GPTs under every mesh shape (jaxpar.probe) and scales
+those figures to what a step sees (jaxpar.planners.fit). It caches the result, with the raw
+timings and every fit, for fit-quality reports, as JSON.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import nnls
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from jaxpar import probe
 from jaxpar.devices import _host_memory_bytes
 from jaxpar.planners.cluster import Cluster
+from jaxpar.planners.fit import TERMS, fit_scales, scaled
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 MESSAGE_BYTES = tuple(4096 * 8**i for i in range(5))  # 4 KiB ... 16 MiB per device
@@ -35,7 +39,7 @@ STREAM_BYTES = 64 * 2**20  # per device: far beyond any cache, as a model's para
 _STREAM_PASSES = 4  # read-modify-write passes over the buffer in one program
 _REPEATS = 5  # timed calls per measurement, after one warm-up call
 _LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
-_CACHE_FORMAT = 3  # bump when the cached record changes: older caches are measured again
+_CACHE_FORMAT = 4  # bump when the cached record changes: older caches are measured again
 
 
 def ring_factor(kind: str, group: int) -> float:
@@ -62,26 +66,27 @@ def fit_alpha_beta(points: Sequence[dict]) -> dict[str, float]:
 
 
 def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path | None = None,
-              refresh: bool = False, verbose: bool = False) -> Cluster:
+              refresh: bool = False, verbose: bool = True) -> Cluster:
     """A Cluster for `devices` (default: this process's devices, one node) with measured
-    figures, read from the cache unless absent or `refresh`.
+    figures, read from the cache unless absent or `refresh`; measuring takes about three
+    minutes on 8 CPU devices, with a progress bar unless not `verbose`.
 
-    `peak_flops` is the per-device fp32 matmul rate while *all* devices run a matmul at once
-    (total rate / device count): the planner's steps keep every device busy, and simulated
-    CPU devices share the host's cores, so the single-device rate (also recorded) would
-    overstate them n-fold. Collectives are timed for every group size dividing the device
-    count and 4 KiB-16 MiB messages and fitted over all kinds to latency + latency per
-    participant + bytes / bandwidth: the intra- and inter-node link figures (one machine:
-    the same). Memory is the device's `bytes_limit`, else host RAM / devices.
+    Measured alone: the per-device fp32 matmul rate while *all* devices run a matmul at once
+    (total rate / device count: the planner's steps keep every device busy, and simulated CPU
+    devices share the host's cores, so the single-device rate, also recorded, would
+    overstate them n-fold); collectives for every group size dividing the device count and
+    4 KiB-16 MiB messages, fitted over all kinds to latency + latency per participant +
+    bytes / bandwidth (the intra- and inter-node link figures: one machine, the same); the
+    rate at which every device at once streams a 64 MiB buffer through an elementwise update.
+    Memory is the device's `bytes_limit`, else host RAM / devices.
 
-    Recorded but not applied (the record's `fits` per kind and `memory`, the rate of an
-    elementwise update streaming 64 MiB per device): inside a training step on devices that
-    share host cores a collective costs several times its isolated figures, and not in the
-    per-kind order (a profiled tensor-parallel step spent 4-5x the isolated time in each
-    all-reduce, the fastest kind alone, mostly waiting at its rendezvous for time-sliced
-    devices). With collectives costed at isolated figures, per-kind figures and the
-    memory-bound update term each rank the benchmark's plans worse than the fit over all
-    kinds alone (docs/planner.md has the numbers).
+    Inside a training step the same work costs otherwise (a profiled tensor-parallel step on
+    the CPU mesh spent 4-5x the isolated time in each all-reduce, mostly waiting at its
+    rendezvous for time-sliced devices). So the figures are then scaled to timed steps: two
+    probe GPTs run under every mesh shape, and the four terms of each step's prediction
+    (compute, collective latency, collective bytes, memory-bound parameter traffic) get
+    the non-negative scales that predict the measured times best (`record["step_fit"]`).
+    The Cluster carries the scaled figures; the per-kind collective fits stay recorded only.
     """
     devices = list(jax.local_devices() if devices is None else devices)
     path = _cache_path(devices, cache_dir)
@@ -93,13 +98,18 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
     record["fits"]["all"] = fit_alpha_beta(record["collectives"])
     stats = devices[0].memory_stats() or {}
     link = record["fits"]["all"]
-    cluster = Cluster(
+    isolated = Cluster(
         devices[0].device_kind, 1, len(devices),
         peak_flops=max(rate for _, rate in record["matmul"]["all_devices"]),
         memory_bytes=stats.get("bytes_limit") or _host_memory_bytes() / len(devices),
         intra_node_bandwidth=link["bandwidth"], intra_node_latency=link["latency"],
         inter_node_bandwidth=link["bandwidth"], inter_node_latency=link["latency"],
-        latency_per_device=link["latency_per_device"], source="calibrated")
+        memory_bandwidth=record["memory"]["all_devices"],
+        latency_per_device=link["latency_per_device"], source="measured")
+    record["step_fit"] = fit_steps(record["steps"], isolated)
+    cluster = dataclasses.replace(scaled(isolated, record["step_fit"]["scales"]),
+                                  source="calibrated")
+    record["isolated_cluster"] = dataclasses.asdict(isolated)
     record["cluster"] = dataclasses.asdict(cluster)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -108,10 +118,26 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
     return cluster
 
 
+def fit_steps(steps: Sequence[dict], isolated: Cluster) -> dict:
+    """The scales of the cost model's terms that predict the timed probe `steps` best, with
+    each step's terms on the `isolated` cluster and the fit's quality on them."""
+    terms = probe.terms_of(steps, isolated)
+    seconds = np.array([s["seconds"] for s in steps])
+    scales = fit_scales(terms, seconds)
+    predicted = np.array([sum(scales[k] * t[k] for k in TERMS) for t in terms])
+    by_probe = {name: float(spearmanr(predicted[mask], seconds[mask])[0])
+                for name in probe.PROBES
+                if (mask := np.array([s["probe"] == name for s in steps])).sum() > 2}
+    return {"scales": scales, "terms": terms, "predicted_s": predicted.tolist(),
+            "median_relative_error": float(np.median(np.abs(predicted / seconds - 1))),
+            "spearman": by_probe}
+
+
 def load_measurements(devices: Sequence[jax.Device] | None = None,
                       cache_dir: str | Path | None = None) -> dict:
     """The cached calibration record for `devices`: key, matmul rates, raw collective timings
-    ({kind, group, bytes, seconds}), fits, cluster and wall time. FileNotFoundError if none."""
+    ({kind, group, bytes, seconds}), probe steps, fits, both clusters (isolated figures and
+    step-fitted) and wall time. FileNotFoundError if none."""
     devices = list(jax.local_devices() if devices is None else devices)
     return json.loads(_cache_path(devices, cache_dir).read_text())
 
@@ -126,13 +152,15 @@ def _cache_path(devices: Sequence[jax.Device], cache_dir: str | Path | None) -> 
 
 def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
     """Raw timings: matmul FLOP/s (one device alone, and per device with all busy) per
-    size, memory bytes/s per device with all busy, and the median seconds of each collective
-    per group size and message size."""
+    size, memory bytes/s per device with all busy, the median seconds of each collective
+    per group size and message size, and the probe GPTs' training steps (jaxpar.probe)."""
     start = time.perf_counter()
     n = len(devices)
     groups = [g for g in range(2, n + 1) if n % g == 0]
-    bar = tqdm(total=2 * len(MATMUL_SIZES) + 1 + len(groups) * len(KINDS) * len(MESSAGE_BYTES),
-               desc="calibrate", disable=not verbose)
+    plans = sum(len(probe.probe_plans(n, per_device * n))
+                for _, per_device in probe.PROBES.values())
+    bar = tqdm(total=2 * len(MATMUL_SIZES) + 1 + len(groups) * len(KINDS) * len(MESSAGE_BYTES)
+               + plans, desc="calibrate", disable=not verbose)
     matmul = jax.jit(jnp.matmul)
     everywhere = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
     single, full = [], []
@@ -159,11 +187,12 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
                 collectives.append({"kind": kind, "group": group, "bytes": nbytes,
                                     "seconds": seconds})
                 bar.update()
+    steps = probe.time_steps(devices, bar.update)
     bar.close()
     key = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
            "device_count": n, "jax_version": jax.__version__}
     return {"key": key, "matmul": {"single": single, "all_devices": full}, "memory": memory,
-            "collectives": collectives, "seconds": time.perf_counter() - start}
+            "collectives": collectives, "steps": steps, "seconds": time.perf_counter() - start}
 
 
 def _stream_rate(everywhere: NamedSharding, n: int) -> float:

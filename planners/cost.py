@@ -62,6 +62,7 @@ class Terms:
     memory_s: float = 0.0
     microbatch_memory_s: float = 0.0  # the share of memory_s each further microbatch adds
     communication_s: float = 0.0
+    latency_s: float = 0.0  # the share of communication_s that is collective latency
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=_zeros)
     memory: dict[str, float] = dataclasses.field(default_factory=_zeros)
     temporary: float = 0.0  # live only while the group runs: the max over groups counts
@@ -74,6 +75,7 @@ class Terms:
         if n <= 1 or nbytes <= 0:
             return
         bandwidth, latency = link(cluster, plan, axes, kind)
+        self.latency_s += times * latency
         self.communication_s += times * (latency + RING_FACTOR[kind](n) * nbytes / bandwidth)
         result = nbytes / n if kind == "reduce-scatter" else nbytes
         self.collective_bytes[kind] += times * result

@@ -50,6 +50,7 @@ import optax
 from scipy.stats import spearmanr
 
 import jaxpar
+from jaxpar.calibration import load_measurements
 from jaxpar.graph import trace_graph
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import GPTConfig, preset
@@ -66,6 +67,7 @@ from jaxpar.planners.search import (
     plan_sharding,
     replicate_over_fsdp,
 )
+from jaxpar.probe import example_batch, random_state
 from jaxpar.report import text_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +129,6 @@ QUICK = Settings(QUICK_CASES, "sharded", rounds=1, steps_per_round=3, min_clean=
 
 
 # ================================================================ small helpers
-def example_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab, (batch, cfg.length + 1))
-    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
-
-
 def abstract_batch(batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct((batch, length), jnp.int32) for k in ("inputs", "targets")}
 
@@ -293,22 +290,6 @@ def compile_run(case: Case, plan: Plan, host_batch: dict) -> Run:
     run = Run(par.plan, compiled, random_state(par), batch, compile_s, memory)
     run.step()  # warm-up: first execution, allocator and thread pools settle
     return run
-
-
-def random_state(par: jaxpar.Parallelized, seed: int = 0) -> Any:
-    """A train state placed in the plan's layout from host arrays: |N(0, 0.02)| floats
-    (non-negative, as Adam's second moment must be), zero integers. Step time does not
-    depend on the values, and `par.init` would cost one more compile per config."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(spec: jax.ShapeDtypeStruct) -> jax.Array:
-        if jnp.issubdtype(spec.dtype, jnp.floating):
-            value = np.abs(rng.normal(0.0, 0.02, spec.shape)).astype(spec.dtype)
-        else:
-            value = np.zeros(spec.shape, spec.dtype)
-        return jax.device_put(value, spec.sharding)
-
-    return jax.tree.map(leaf, par.abstract_state)
 
 
 def time_rounds(runs: list[Run], settings: Settings, seed: int) -> int:
@@ -669,6 +650,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n== measured sweep, 8 CPU devices", flush=True)
     cluster = jaxpar.calibrate()
     result["meta"]["cpu_cluster"] = dataclasses.asdict(cluster)
+    record = load_measurements()
+    result["meta"]["cpu_calibration"] = {
+        "isolated_cluster": record["isolated_cluster"], "seconds": record["seconds"],
+        **{k: record["step_fit"][k] for k in ("scales", "median_relative_error", "spearman")}}
     result["sweep"] = []
     for case in settings.cases:
         print(f"case {case.name}", file=sys.stderr, flush=True)

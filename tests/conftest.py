@@ -26,9 +26,17 @@ def compiles():
     jax.monitoring.unregister_event_duration_listener(listen)
 
 
+@pytest.fixture(scope="session")
+def calibration_cache(tmp_path_factory):
+    """One calibration cache for the session: calibrate() times probe training steps, which
+    takes a minute or two, so the tests that need a measured cluster share one."""
+    return tmp_path_factory.mktemp("calibration")
+
+
 @pytest.fixture(scope="module")
-def quick_bench(tmp_path_factory):
-    """Run `scripts/<name> --quick` in a subprocess on 8 CPU devices; its JSON result."""
+def quick_bench(tmp_path_factory, calibration_cache):
+    """Run `scripts/<name> --quick` in a subprocess on 8 CPU devices, with the session's
+    calibration cache; its JSON result."""
     import json
     import subprocess
     import sys
@@ -38,7 +46,7 @@ def quick_bench(tmp_path_factory):
 
     def run(name: str) -> dict:
         out = tmp_path_factory.mktemp("bench") / "bench.json"
-        env = {**os.environ, "XLA_FLAGS": f"{_FLAG}=8"}
+        env = {**os.environ, "XLA_FLAGS": f"{_FLAG}=8", "JAXPAR_CACHE": str(calibration_cache)}
         subprocess.run([sys.executable, str(root / "scripts" / name), "--quick", "--out",
                         str(out)], check=True, env=env, cwd=root, timeout=300,
                        capture_output=True)

@@ -27,8 +27,8 @@ GiB = 2**30
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    return jaxpar.calibrate(cache_dir=tmp_path_factory.mktemp("calibration"))
+def cluster(calibration_cache):
+    return jaxpar.calibrate(cache_dir=calibration_cache)
 
 
 def assert_matches_single_device(par, model_fn, loss_fn, optimizer, batches):

@@ -49,3 +49,14 @@ def test_megatron_rows(result):
     assert row["plans"]["planner"]["fits"]
     fitting = [p["step_s"] for p in row["plans"].values() if p["fits"]]
     assert row["plans"]["planner"]["step_s"] <= min(fitting) * 1.001
+
+
+def test_the_sweep_runs_on_the_step_fitted_cluster(result):
+    meta = result["meta"]
+    assert meta["cpu_cluster"]["source"] == "calibrated"
+    fit = meta["cpu_calibration"]
+    assert set(fit["scales"]) == {"compute", "latency", "transfer", "memory"}
+    # the sweep's cluster is the isolated one with the fitted scales
+    isolated = fit["isolated_cluster"]
+    assert meta["cpu_cluster"]["peak_flops"] == pytest.approx(
+        isolated["peak_flops"] / fit["scales"]["compute"])

@@ -1,0 +1,123 @@
+"""Training steps of two small probe GPTs, timed under every data x fsdp x tensor mesh shape:
+what `calibrate()` fits the cost model's in-step scales to (jaxpar.planners.fit).
+
+The probes are chosen to disagree: the narrow one (embed 192, sequence 96) runs fastest
+data-parallel, since tensor parallelism cuts its matmuls thin and all-reduces its
+activations; the wide one (embed 384, sequence 48) runs fastest tensor-parallel, since its
+parameters outweigh its activations. A fit over both cannot price either kind of traffic
+at nothing. Neither is a model the planner benchmark sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpar.emit import Parallelized, parallelize
+from jaxpar.graph import trace_graph
+from jaxpar.models.gpt import build, lm_loss
+from jaxpar.models.presets import GPTConfig
+from jaxpar.plan import Plan, PlanError
+from jaxpar.planners.cluster import Cluster
+from jaxpar.planners.fit import step_terms
+from jaxpar.planners.graph import ModelGraph
+from jaxpar.planners.search import describe, mesh_shapes
+
+# config, and sequences per device: a batch of 16 and 8 on 8 devices
+PROBES = {"narrow": (GPTConfig(vocab=768, length=96, embed=192, heads=8, layers=3), 2),
+          "wide": (GPTConfig(vocab=1536, length=48, embed=384, heads=8, layers=2), 1)}
+STEPS = 5  # timed steps per plan, after one warm-up step
+
+
+def probe_plans(num_devices: int, batch: int) -> list[Plan]:
+    """Every data x fsdp x tensor mesh of `num_devices` with default rules, and with two
+    microbatches where it has a tensor axis (twice the all-reduces, each half the bytes:
+    what tells a collective's latency from its transfer), each if the batch divides."""
+    plans = []
+    for mesh in mesh_shapes(num_devices):
+        for microbatches in (1, 2) if dict(mesh)["tensor"] > 1 else (1,):
+            plan = Plan(mesh=mesh, microbatches=microbatches)
+            try:
+                plan.check_batch(batch)
+            except PlanError:
+                continue
+            plans.append(dataclasses.replace(plan, name=describe(plan)))
+    return plans
+
+
+def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> list[dict]:
+    """{probe, batch, mesh, microbatches, plan, seconds (median), samples} for every probe
+    and plan; `advance()` is called after each plan (a progress bar). A probe's programs
+    compile two at a time (XLA releases the GIL while it compiles); steps run one by one."""
+    steps = []
+    for name, (cfg, per_device) in PROBES.items():
+        batch = per_device * len(devices)
+        host_batch = example_batch(cfg, batch)
+        runs = []
+        for plan in probe_plans(len(devices), batch):
+            par = parallelize(build(cfg), optax.adamw(1e-3), lm_loss, plan, host_batch, devices)
+            data = par.shard_batch(host_batch)
+            runs.append((plan, par, data, par.lower(data)))
+        with ThreadPoolExecutor(2) as pool:
+            compiled = list(pool.map(lambda run: run[3].compile(), runs))
+        for (plan, par, data, _), step in zip(runs, compiled):
+            state = random_state(par)
+            state, _ = step(state, data)  # warm-up
+            jax.block_until_ready(state)
+            samples = []
+            for _ in range(STEPS):
+                start = time.perf_counter()
+                state, _ = step(state, data)
+                jax.block_until_ready(state)
+                samples.append(time.perf_counter() - start)
+            steps.append({"probe": name, "batch": batch,
+                          "mesh": [list(axis) for axis in plan.mesh],
+                          "microbatches": plan.microbatches, "plan": plan.name,
+                          "seconds": float(np.median(samples)), "samples": samples})
+            advance()
+    return steps
+
+
+def terms_of(steps: Sequence[dict], cluster: Cluster) -> list[dict[str, float]]:
+    """The cost model's terms (planners.fit.TERMS) of each timed step on `cluster`."""
+    graphs: dict[str, ModelGraph] = {}
+    terms = []
+    for s in steps:
+        cfg, _ = PROBES[s["probe"]]
+        if s["probe"] not in graphs:
+            graphs[s["probe"]] = trace_graph(build(cfg), lm_loss, example_batch(cfg, s["batch"]))
+        graph = graphs[s["probe"]]
+        plan = Plan(mesh=tuple((axis, size) for axis, size in s["mesh"]),
+                    microbatches=s["microbatches"]).bind(graph.params)
+        terms.append(step_terms(graph, plan, cluster))
+    return terms
+
+
+def example_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random next-token inputs and targets, (batch, cfg.length) int32."""
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab, (batch, cfg.length + 1))
+    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
+
+
+def random_state(par: Parallelized, seed: int = 0) -> Any:
+    """A train state placed in the plan's layout from host arrays: |N(0, 0.02)| floats
+    (non-negative, as Adam's second moment must be), zero integers. Step time does not
+    depend on the values, and `par.init` would cost one more compile per plan."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(spec: jax.ShapeDtypeStruct) -> jax.Array:
+        if jnp.issubdtype(spec.dtype, jnp.floating):
+            value = np.abs(rng.normal(0.0, 0.02, spec.shape)).astype(spec.dtype)
+        else:
+            value = np.zeros(spec.shape, spec.dtype)
+        return jax.device_put(value, spec.sharding)
+
+    return jax.tree.map(leaf, par.abstract_state)
