@@ -29,7 +29,7 @@ def compiles():
 @pytest.fixture(scope="session")
 def calibration_cache(tmp_path_factory):
     """One calibration cache for the session: calibrate() times probe training steps, which
-    takes a minute or two, so the tests that need a measured cluster share one."""
+    takes about 2.5 minutes, so the tests that need a measured cluster share one."""
     return tmp_path_factory.mktemp("calibration")
 
 
