@@ -85,7 +85,8 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
     rendezvous for time-sliced devices). So the figures are then scaled to timed steps: two
     probe GPTs run under every mesh shape, and the four terms of each step's prediction
     (compute, collective latency, collective bytes, memory-bound parameter traffic) get
-    the non-negative scales that predict the measured times best (`record["step_fit"]`).
+    the scales that predict the measured times best, none below `planners.fit.MIN_SCALES`
+    (`record["step_fit"]`).
     The Cluster carries the scaled figures; the per-kind collective fits stay recorded only.
     """
     devices = list(jax.local_devices() if devices is None else devices)

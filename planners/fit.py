@@ -6,8 +6,8 @@ at its rendezvous for time-sliced devices, and its bytes compete with everything
 step moves. `predict` is linear in four reciprocal figures of a Cluster (1 / peak_flops,
 the collective latencies, 1 / link bandwidth, 1 / memory_bandwidth), so a plan's predicted
 step time is the sum of four terms, each proportional to one of them. Given steps timed
-under several plans, `fit_scales` finds the non-negative scale of each term that predicts
-the measured times best (least squares on relative error, each scale bounded below), and
+under several plans, `fit_scales` finds the scale of each term that predicts the measured
+times best (least squares on relative error, each scale bounded below), and
 `scaled` returns the
 Cluster whose figures carry those scales: its predictions are the fitted model.
 """

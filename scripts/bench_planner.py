@@ -18,9 +18,10 @@ Three parts, written to one JSON file (default docs/bench_planner.json) and prin
    al., SC'21, Table 1): the planner's pick, plain dp, fsdp and tp (dp+tp8), and the
    paper's own (t, d), in model and hardware TFLOP/s per GPU.
 
-    python scripts/bench_planner.py                  # full: about 15 minutes on 2 cores
+    python scripts/bench_planner.py                  # full: about 18 minutes on 2 cores
                                                      # (up to 28 if other processes are busy)
-    python scripts/bench_planner.py --quick --out /tmp/bench.json   # CI smoke, < 1 minute
+    python scripts/bench_planner.py --quick --out /tmp/bench.json   # CI smoke: 25 s
+                                                     # (+ 2.5 min if not calibrated yet)
 """
 
 import os

@@ -48,7 +48,7 @@ def quick_bench(tmp_path_factory, calibration_cache):
         out = tmp_path_factory.mktemp("bench") / "bench.json"
         env = {**os.environ, "XLA_FLAGS": f"{_FLAG}=8", "JAXPAR_CACHE": str(calibration_cache)}
         subprocess.run([sys.executable, str(root / "scripts" / name), "--quick", "--out",
-                        str(out)], check=True, env=env, cwd=root, timeout=300,
+                        str(out)], check=True, env=env, cwd=root, timeout=600,
                        capture_output=True)
         return json.loads(out.read_text())
 

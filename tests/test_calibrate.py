@@ -13,7 +13,7 @@ import jaxpar
 from jaxpar import calibration, probe
 from jaxpar.calibration import KINDS, ring_factor
 from jaxpar.planners.cluster import Cluster
-from jaxpar.planners.fit import MIN_SCALES, TERMS, scaled
+from jaxpar.planners.fit import TERMS, scaled
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_calibrated_cluster_describes_8_devices_in_one_node(calibrated):
         cluster.intra_node_bandwidth, cluster.intra_node_latency)
     # 8 devices share 2 cores: the per-device rate under full load is below the rate alone.
     assert isolated.peak_flops < max(rate for _, rate in record["matmul"]["single"])
-    assert record["seconds"] < 180
+    assert record["seconds"] < 600  # about 150 s on 2 cores
 
 
 def test_links_use_the_fit_over_all_kinds_scaled_to_the_probe_steps(calibrated):
@@ -46,7 +46,6 @@ def test_links_use_the_fit_over_all_kinds_scaled_to_the_probe_steps(calibrated):
                                              fit["latency_per_device"])
     assert isolated.memory_bandwidth == record["memory"]["all_devices"]
     scales = record["step_fit"]["scales"]
-    assert all(scales[k] >= MIN_SCALES[k] for k in TERMS)
     assert dataclasses.replace(cluster, source="measured") == scaled(isolated, scales)
     # per-kind fits are measured, but a step does not follow them (docs/planner.md)
     assert set(record["fits"]) == {*KINDS, "all"} and not cluster.intra_node_collectives

@@ -12,7 +12,6 @@ from jaxpar.plan import named_plan
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import predict
 from jaxpar.planners.fit import MIN_SCALES, TERMS, fit_scales, scaled, step_terms
-from jaxpar.planners.search import mesh_shapes
 
 SPECS = ("dp8", "fsdp8", "tp8", "dp2+tp4", "dp4+fsdp2", "fsdp2+tp4", "dp2+fsdp2+tp2")
 
@@ -69,6 +68,3 @@ def test_too_few_steps_are_refused(steps):
     with pytest.raises(ValueError, match="at least 4 timed steps, got 3"):
         fit_scales(terms[:3], [1.0, 2.0, 3.0])
 
-
-def test_every_mesh_shape_of_8_devices_is_a_distinct_plan():
-    assert len(mesh_shapes(8)) == 10  # what calibrate() times per probe model
