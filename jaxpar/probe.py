@@ -34,7 +34,7 @@ from jaxpar.planners.search import describe, mesh_shapes
 # config, and sequences per device: a batch of 16 and 8 on 8 devices
 PROBES = {"narrow": (GPTConfig(vocab=768, length=96, embed=192, heads=8, layers=3), 2),
           "wide": (GPTConfig(vocab=1536, length=48, embed=384, heads=8, layers=2), 1)}
-STEPS = 5  # timed steps per plan, after one warm-up step
+SAMPLES = 5  # timed steps per plan, after one warm-up step
 
 
 def probe_plans(num_devices: int, batch: int) -> list[Plan]:
@@ -78,7 +78,7 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
             state, _ = step(state, data)  # warm-up
             jax.block_until_ready(state)
             samples = []
-            for _ in range(STEPS):
+            for _ in range(SAMPLES):
                 start = time.perf_counter()
                 state, _ = step(state, data)
                 jax.block_until_ready(state)
