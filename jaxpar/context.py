@@ -138,7 +138,7 @@ def layer(fn: Callable) -> Callable:
     current.layer_called = True
     if not current.manual and not current.plan.remat:
         # nothing is gathered, so nothing to recompute; a remat here would also copy the
-        # weights into the VJP residuals instead of passing the inputs through (jaxpar.mpmd)
+        # weights into the VJP residuals instead of passing the inputs through (jaxpar.emit.mpmd)
         return fn
 
     def gathered(module, *args):

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxpar.context import constrain
 from jaxpar.models.presets import GPTConfig, preset
-from jaxpar.stages import Stages, run_stack
+from jaxpar.tracing.stages import Stages, run_stack
 
 
 def _init(std: float, axes: tuple[str, ...]):

@@ -46,8 +46,13 @@ from jaxpar.models import gpt
 from jaxpar.plan import Pipeline, named_plan
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.megatron import MIXED, megatron_table, paper_step, row_graph
-from jaxpar.planners.pipeline import make_schedule, plan_pipeline, schedule_allows, step_flops
-from jaxpar.planners.simulator import simulate
+from jaxpar.planners.pipeline.search import (
+    make_schedule,
+    plan_pipeline,
+    schedule_allows,
+    step_flops,
+)
+from jaxpar.planners.schedules.simulator import simulate
 from jaxpar.report import text_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]

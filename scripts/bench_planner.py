@@ -51,15 +51,15 @@ import optax
 from scipy.stats import spearmanr
 
 import jaxpar
-from jaxpar.calibration import load_measurements
-from jaxpar.graph import trace_graph
+from jaxpar.cluster.calibration import load_measurements
+from jaxpar.cluster.probe import example_batch, random_state
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import GPTConfig, preset
 from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
 from jaxpar.planners.cluster import Cluster, a100_80gb
 from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import ModelGraph
-from jaxpar.planners.search import (
+from jaxpar.planners.sharding.search import (
     describe,
     divisors,
     group_pattern,
@@ -68,8 +68,8 @@ from jaxpar.planners.search import (
     plan_sharding,
     replicate_over_fsdp,
 )
-from jaxpar.probe import example_batch, random_state
 from jaxpar.report import text_table, write_result
+from jaxpar.tracing.graph import trace_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30

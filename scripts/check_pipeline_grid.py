@@ -37,9 +37,9 @@ from tqdm import tqdm
 import jaxpar
 from jaxpar.models import gpt
 from jaxpar.plan import Pipeline
-from jaxpar.planners.pipeline import schedule_allows
+from jaxpar.planners.pipeline.search import schedule_allows
 from jaxpar.report import text_table, write_result
-from jaxpar.trace import abstract_params
+from jaxpar.tracing.params import abstract_params
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_DEVICES, RTOL, ATOL = 8, 1e-4, 1e-7

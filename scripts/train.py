@@ -1,6 +1,6 @@
 """Train a GPT preset under a named plan; see `python scripts/train.py --help`."""
 import sys
 
-from jaxpar.train import main
+from jaxpar.runtime.train import main
 
 sys.exit(main())

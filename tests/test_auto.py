@@ -12,14 +12,14 @@ import pytest
 from flax import nnx
 
 import jaxpar
-from jaxpar.graph import trace_graph
 from jaxpar.hlo import collective_bytes_per_step
 from jaxpar.models.gpt import Block, build, lm_loss
 from jaxpar.models.presets import GPTConfig
 from jaxpar.plan import PlanError
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import Options, predict
-from jaxpar.planners.search import plan_sharding
+from jaxpar.planners.sharding.search import plan_sharding
+from jaxpar.tracing.graph import trace_graph
 
 from oracle import assert_same_run, parallel_run, single_device_run, token_batches
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpar import backward
+from jaxpar.emit import backward
 from jaxpar.models import gpt
-from jaxpar.stages import Pieces
+from jaxpar.tracing.stages import Pieces
 
 MODEL = gpt.build("tiny", layers=4, embed=64, heads=4, length=32, vocab=64)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jaxpar
-from jaxpar import calibration, probe
-from jaxpar.calibration import KINDS, ring_factor
+from jaxpar.cluster import calibration, probe
+from jaxpar.cluster.calibration import KINDS, ring_factor
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import TERMS, scaled
 

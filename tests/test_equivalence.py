@@ -8,7 +8,7 @@ import pytest
 import jaxpar
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.plan import DEFAULT_RULES
-from jaxpar.planners.search import replicate_over_fsdp
+from jaxpar.planners.sharding.search import replicate_over_fsdp
 
 from oracle import assert_same_run, parallel_run, single_device_run, token_batches
 

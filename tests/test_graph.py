@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jaxpar.graph import trace_graph
 from jaxpar.models import gpt
 from jaxpar.models.presets import preset
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
-from jaxpar.trace import abstract_params
+from jaxpar.tracing.graph import trace_graph
+from jaxpar.tracing.params import abstract_params
 
 
 def _tokens(batch: int, length: int) -> dict:

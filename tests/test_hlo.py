@@ -11,7 +11,7 @@ import jaxpar
 from jaxpar import hlo
 from jaxpar.hlo import collective_bytes_per_step
 from jaxpar.models.gpt import build, lm_loss
-from jaxpar.trace import abstract_params
+from jaxpar.tracing.params import abstract_params
 
 BATCH, LENGTH = 16, 32
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxpar.models.gpt import build
 from jaxpar.models.presets import PRESETS
-from jaxpar.trace import abstract_params
+from jaxpar.tracing.params import abstract_params
 
 # Parameter counts (billions) of Table 1, Narayanan et al. SC'21, and GPT-3 (Brown et al.).
 PAPER_BILLIONS = {

@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 
 import jaxpar
+from jaxpar.emit.pipeline import Pipelined
 from jaxpar.models import gpt
-from jaxpar.pipelined import Pipelined
 from jaxpar.plan import DEFAULT_RULES, Pipeline, PlanError
-from jaxpar.planners.simulator import peak_stash
+from jaxpar.planners.schedules.simulator import peak_stash
 
 from oracle import ATOL, RTOL, assert_same_run, single_device_run, token_batches
 

@@ -16,7 +16,7 @@ from jaxpar.plan import Plan, PlanError, named_plan
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.graph import Tensor
 from jaxpar.planners.megatron import MIXED, gpt_graph, megatron_table, paper_step, row_graph
-from jaxpar.planners.pipeline import (
+from jaxpar.planners.pipeline.search import (
     SCHEDULES,
     Cost,
     PipelinePlan,
@@ -38,7 +38,7 @@ from jaxpar.planners.pipeline import (
     subcluster,
     sync_time,
 )
-from jaxpar.planners.simulator import simulate
+from jaxpar.planners.schedules.simulator import simulate
 
 GiB = 2**30
 CSV = Path(__file__).resolve().parents[1] / "data" / "megatron_gpt_configs.csv"

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from jaxpar.planners.schedules import (
+from jaxpar.planners.schedules.generators import (
     Op,
     Schedule,
     gpipe,
@@ -14,7 +14,7 @@ from jaxpar.planners.schedules import (
     one_f_one_b,
     zero_bubble_h1,
 )
-from jaxpar.planners.simulator import gantt, simulate, timeline_text
+from jaxpar.planners.schedules.simulator import gantt, simulate, timeline_text
 
 PS, MS, VS = (2, 4, 8), (4, 8, 16, 32), (1, 2, 4)
 

@@ -11,8 +11,8 @@ from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import Options, group_terms, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
-from jaxpar.planners.pipeline import piece_cost
-from jaxpar.planners.search import (
+from jaxpar.planners.pipeline.search import piece_cost
+from jaxpar.planners.sharding.search import (
     describe,
     divisors,
     group_pattern,

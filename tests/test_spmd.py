@@ -12,8 +12,8 @@ from flax import nnx
 import jaxpar
 from jaxpar.models import gpt
 from jaxpar.plan import Pipeline, PlanError
-from jaxpar.planners.ticks import tick_table
-from jaxpar.trace import abstract_params
+from jaxpar.planners.schedules.ticks import tick_table
+from jaxpar.tracing.params import abstract_params
 
 from oracle import ATOL, RTOL, assert_same_run, single_device_run, token_batches
 

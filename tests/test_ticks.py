@@ -6,9 +6,15 @@ import itertools
 
 import pytest
 
-from jaxpar.planners.schedules import Op, gpipe, interleaved_1f1b, one_f_one_b, zero_bubble_h1
-from jaxpar.planners.simulator import simulate
-from jaxpar.planners.ticks import Cell, check, tick_table
+from jaxpar.planners.schedules.generators import (
+    Op,
+    gpipe,
+    interleaved_1f1b,
+    one_f_one_b,
+    zero_bubble_h1,
+)
+from jaxpar.planners.schedules.simulator import simulate
+from jaxpar.planners.schedules.ticks import Cell, check, tick_table
 
 PS, MS = (2, 4, 8), (1, 2, 4, 8, 16)
 

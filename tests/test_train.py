@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxpar.train import main
+from jaxpar.runtime.train import main
 
 FLAGS = ["--model", "tiny", "--plan", "dp2+fsdp2+tp2", "--batch", "16", "--length", "64"]
 

@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpar.emit import Parallelized, parallelize
-from jaxpar.graph import trace_graph
+from jaxpar.emit.step import Parallelized, parallelize_flat
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import GPTConfig
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import step_terms
 from jaxpar.planners.graph import ModelGraph
-from jaxpar.planners.search import describe, mesh_shapes
+from jaxpar.planners.sharding.search import describe, mesh_shapes
+from jaxpar.tracing.graph import trace_graph
 
 # config, and sequences per device: a batch of 16 and 8 on 8 devices
 PROBES = {"narrow": (GPTConfig(vocab=768, length=96, embed=192, heads=8, layers=3), 2),
@@ -64,8 +64,8 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
         runs = []
         for plan in probe_plans(len(devices), batch):
             try:
-                par = parallelize(build(cfg), optax.adamw(1e-3), lm_loss, plan, host_batch,
-                                  devices)
+                par = parallelize_flat(build(cfg), optax.adamw(1e-3), lm_loss, plan,
+                                       host_batch, devices)
             except PlanError:  # a tensor axis the model's dimensions do not divide
                 advance()
                 continue

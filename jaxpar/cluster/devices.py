@@ -1,4 +1,4 @@
-"""The devices jaxpar runs on: a `Cluster` describing them and a mesh built over them."""
+"""The devices jaxpar runs on, described as a `Cluster`."""
 
 from __future__ import annotations
 
@@ -7,24 +7,10 @@ import os
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh
 
-from jaxpar.plan import Plan
 from jaxpar.planners.cluster import Cluster, a100_80gb, h100_80gb, tpu_v4, tpu_v5e
 
 _KNOWN_KINDS = {"A100": a100_80gb, "H100": h100_80gb, "TPU v4": tpu_v4, "TPU v5": tpu_v5e}
-
-
-def make_mesh(plan: Plan, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The plan's mesh over `devices` (default: all), the last axis varying fastest, so it
-    stays within a node."""
-    devices = list(jax.devices() if devices is None else devices)
-    plan.check_devices(len(devices))
-    shape = tuple(size for _, size in plan.mesh)
-    names = tuple(name for name, _ in plan.mesh)
-    grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def local_cluster(devices: Sequence[jax.Device] | None = None) -> Cluster:

@@ -14,7 +14,7 @@ Chunk c runs on stage c mod p with programs all from one `jax.vjp` of the chunk:
   the same pullback. The last chunk starts from d(mean loss)/d(loss) = 1/m.
 - With a zero-bubble schedule, B and W instead: the two halves of that pullback.
 
-Zero-bubble schedules split the backward (`jaxpar.backward`): B computes the input gradient
+Zero-bubble schedules split the backward (`jaxpar.emit.backward`): B computes the input gradient
 and hands W the intermediate cotangents the weight gradient needs, so B and W together do
 the fused backward's work (checked with XLA's cost analysis). The stash holds a chunk's
 residuals until its W, with the handoff from its B to its W.
@@ -44,15 +44,16 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
-from jaxpar.backward import Split, Stash
-from jaxpar.backward import split as backward_split
-from jaxpar.devices import make_mesh
-from jaxpar.emit import TrainState, apply_gradients, by_path, state_sharding_of
-from jaxpar.pipelined import Pipelined, microbatches
+from jaxpar.emit.backward import Split, Stash
+from jaxpar.emit.backward import split as backward_split
+from jaxpar.emit.pipeline import Pipelined
+from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
+from jaxpar.emit.state import TrainState, apply_gradients
+from jaxpar.emit.step import split_microbatches
 from jaxpar.plan import Plan, PlanError
-from jaxpar.planners.schedules import Op, Schedule
-from jaxpar.stages import Pieces
-from jaxpar.trace import ModelFn
+from jaxpar.planners.schedules.generators import Op, Schedule
+from jaxpar.tracing.params import ModelFn
+from jaxpar.tracing.stages import Pieces
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -339,7 +340,7 @@ class _Runtime:
 
     def shard_batch(self, batch: Any) -> dict[int, list]:
         """The microbatches, on the stages that read the batch (the first and the last)."""
-        split = microbatches(batch, self.m)
+        split = split_microbatches(batch, self.m)
         micro = [jax.tree.map(lambda x, j=j: x[j], split) for j in range(self.m)]
         return {r: jax.device_put(micro, self.stages[r].activations)
                 for r in {0, self.last_rank}}
@@ -406,7 +407,7 @@ class _Runtime:
 def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
                      batch: Any, devices: Sequence[jax.Device]) -> Pipelined:
-    """The MPMD form of a checked pipelined plan (see `jaxpar.pipelined`; the caller has
+    """The MPMD form of a checked pipelined plan (see `jaxpar.emit.pipeline`; the caller has
     checked `batch`). The train state is a tuple of one `TrainState` per chunk, each on its
     stage; `step`'s metrics add `peak_stash` and `peak_stash_bytes`: per rank, the most
     (microbatch, chunk) residual sets and bytes it held at once."""

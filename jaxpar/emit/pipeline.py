@@ -3,25 +3,24 @@
 `parallelize` hands a plan with a `pipeline` here (see `jaxpar.emit.parallelize`). Every
 check runs before anything compiles: the loss must be a `Stages`, the stack must cut into
 the plan's chunks, the schedule must accept the microbatch count, and the batch must split
-into microbatches over the data-parallel axes. The runtimes (`jaxpar.mpmd`,
-`jaxpar.spmd`) return a `Pipelined`.
+into microbatches over the data-parallel axes. The runtimes (`jaxpar.emit.mpmd`,
+`jaxpar.emit.spmd`) return a `Pipelined`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import optax
 from jax.sharding import Mesh
 
 from jaxpar.plan import Plan, PlanError
-from jaxpar.planners.pipeline import make_schedule
-from jaxpar.planners.schedules import Schedule
-from jaxpar.stages import Pieces, Stages
-from jaxpar.trace import ModelFn
+from jaxpar.planners.pipeline.search import make_schedule
+from jaxpar.planners.schedules.generators import Schedule
+from jaxpar.tracing.params import ModelFn
+from jaxpar.tracing.stages import Pieces, Stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +66,3 @@ def checked(model_fn: ModelFn, stages: Any, plan: Plan, batch: Any,
     for leaf in jax.tree.leaves(batch):
         plan.check_batch(leaf.shape[0])
     return plan, pieces, chunk_layers, schedule
-
-
-def microbatches(batch: Any, m: int) -> Any:
-    """Split the leading dimension into m microbatches: (m, batch / m, ...); row i * m + j
-    goes to microbatch j, as in the unpipelined emitter."""
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
-                        batch)
-
-
-def parallelize_pipeline(model_fn: ModelFn, optimizer: optax.GradientTransformation,
-                         stages: Stages, plan: Plan, batch: Any,
-                         devices: Sequence[jax.Device]) -> Pipelined:
-    """Check everything, then build the plan's form: `build(model_fn, optimizer, plan,
-    pieces, chunk_layers, schedule, batch, devices)`."""
-    plan, pieces, chunk_layers, schedule = checked(model_fn, stages, plan, batch, len(devices))
-    if plan.pipeline.form == "spmd":
-        from jaxpar.spmd import parallelize_spmd as build
-    else:
-        from jaxpar.mpmd import parallelize_mpmd as build
-    return build(model_fn, optimizer, plan, pieces, chunk_layers, schedule, batch, devices)

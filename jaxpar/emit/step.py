@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
-from jaxpar.devices import make_mesh
+from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
+from jaxpar.emit.state import LossFn, TrainState, apply_gradients, init_state
 from jaxpar.plan import ParamInfo, Plan, PlanError
-from jaxpar.trace import ModelFn, abstract_params, path_str
-
-LossFn = Callable[[nnx.Module, Any], jax.Array]
-
-
-class TrainState(NamedTuple):
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
+from jaxpar.tracing.params import ModelFn, abstract_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,60 +47,18 @@ class Parallelized:
         return self.step.lower(self.abstract_state, batch)
 
 
-def by_path(params: dict, infos: Sequence[ParamInfo], fn: Callable[[ParamInfo, Any], Any]):
-    """Map `fn(info, leaf)` over a parameter pytree."""
-    table = {info.path: info for info in infos}
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(table[path_str(p)], x), params)
-
-
-def state_sharding_of(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransformation,
-                    params_shape: dict) -> tuple[TrainState, TrainState]:
-    """Shardings of the train state and its abstract value (ShapeDtypeStructs)."""
-    def sharding(layout):
-        return NamedSharding(mesh, context.partition_spec(layout))
-
-    param_shardings = by_path(params_shape, plan.params,
-                               lambda i, _: sharding(plan.param_layout(i)))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shape = jax.eval_shape(optimizer.init, params_shape)
-    opt_shardings = optax.tree_map_params(
-        optimizer,
-        lambda _, s: s,
-        opt_shape,
-        by_path(params_shape, plan.params, lambda i, _: sharding(plan.optimizer_layout(i))),
-        transform_non_params=lambda _: replicated,
-    )
-    state_sharding = TrainState(replicated, param_shardings, opt_shardings)
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape, opt_shape),
-        state_sharding,
-    )
-    return state_sharding, abstract_state
-
-
-def init_state(model_fn: ModelFn, optimizer: optax.GradientTransformation, rng: jax.Array,
-               layout: Callable[[dict], dict] = lambda params: params) -> TrainState:
-    """Step 0: the model's parameters (in the runtime's `layout`) and optimizer state; jit it
-    with output shardings so each device creates only its shard."""
-    with nnx.use_eager_sharding(False):
-        model = model_fn(nnx.Rngs(rng))
-    params = layout(nnx.state(model, nnx.Param).to_pure_dict())
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-
-def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,
-                    grads: dict) -> TrainState:
-    """One optax update of `state` by `grads`."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-
-
 def require_layer(plan: Plan, active: context.Active) -> None:
     """A plan with remat needs the model to have marked its layer (else remat is a no-op)."""
     if plan.remat and not active.layer_called:
         raise PlanError("the plan asks for remat but the model never wraps a layer in "
                         "jaxpar.layer; wrap its repeated block or set remat=False")
+
+
+def split_microbatches(batch: Any, m: int) -> Any:
+    """Split the leading dimension into m microbatches: (m, batch / m, ...); row i * m + j
+    of the shard goes to microbatch j, in every form."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                        batch)
 
 
 def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn,
@@ -138,9 +89,7 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
                 result = jax.value_and_grad(local_loss)(params, micro)
                 return jax.tree.map(jnp.add, carry, result), None
 
-            # row i*m + j of the shard goes to microbatch j
-            micro = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro = split_microbatches(batch, m)
             first = jax.value_and_grad(local_loss)(params, jax.tree.map(lambda x: x[0], micro))
             (loss, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
         if manual:
@@ -163,25 +112,10 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
     )
 
 
-def parallelize(
-    model_fn: ModelFn,
-    optimizer: optax.GradientTransformation,
-    loss_fn: LossFn,
-    plan: Plan,
-    batch: Any,
-    devices: Sequence[jax.Device] | None = None,
-) -> Parallelized | Any:
-    """Lay out and jit a training step of `model_fn(rngs)` under `plan`.
-
-    `batch` is an example batch (arrays or ShapeDtypeStructs, batch dimension first);
-    every check on the plan runs here, before anything compiles. A plan with a `pipeline`
-    needs `loss_fn` to be a `jaxpar.Stages` and returns a `jaxpar.pipelined.Pipelined`.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    if plan.pipeline is not None:
-        from jaxpar.pipelined import parallelize_pipeline
-
-        return parallelize_pipeline(model_fn, optimizer, loss_fn, plan, batch, devices)
+def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
+                     loss_fn: LossFn, plan: Plan, batch: Any,
+                     devices: Sequence[jax.Device]) -> Parallelized:
+    """The step of a plan without a pipeline (see `jaxpar.parallelize`)."""
     plan.check_devices(len(devices))
     plan.check_pipeline()
     if plan.microbatches < 1 or plan.zero not in (0, 1):

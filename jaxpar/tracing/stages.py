@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxpar import context
 from jaxpar.plan import ParamInfo, PlanError
-from jaxpar.trace import ModelFn, abstract_params
+from jaxpar.tracing.params import ModelFn, abstract_params
 
 Layer = Callable[[nnx.Module, jax.Array], jax.Array]
 

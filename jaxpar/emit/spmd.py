@@ -1,7 +1,7 @@
 """The SPMD form of the pipeline runtime: one jitted program over the whole mesh.
 
 The program is a `shard_map` manual over `stage` and the batch axes (`data`, `fsdp`) and
-automatic over `tensor`, as in `jaxpar.emit`. The layer stack is stored as (v, p, k, ...) with
+automatic over `tensor`, as in `jaxpar.emit.step`. The layer stack is stored as (v, p, k, ...) with
 p split over `stage`, so rank r holds local chunk j = chunk j p + r (Megatron's interleaved
 layout; v = 1 is plain 1F1B). A `lax.scan` walks the tick table of `planners.ticks`: in each
 tick every rank runs the op of its row (`lax.switch` on the row picked by its stage index),
@@ -10,7 +10,7 @@ the buffer slots the table names.
 
 F stashes the chunk's VJP residuals (those that are not its weights) and B applies the
 pullback to them; with a zero-bubble schedule B and W are the two halves of that pullback
-(`jaxpar.backward`), B stashing the handoff for W. Each tick copies a residual set in and
+(`jaxpar.emit.backward`), B stashing the handoff for W. Each tick copies a residual set in and
 out of the buffer (XLA copies a buffer a conditional writes, so the writes happen outside
 the `lax.switch`), so residuals are kept small: the chunk saves matmul outputs only
 (`jax.checkpoint_policies.dots_saveable`) and B recomputes the elementwise work between
@@ -37,16 +37,17 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
-from jaxpar.backward import Split, Stash
-from jaxpar.backward import split as backward_split
-from jaxpar.devices import make_mesh
-from jaxpar.emit import TrainState, apply_gradients, by_path, init_state, require_layer
-from jaxpar.pipelined import Pipelined, microbatches
+from jaxpar.emit.backward import Split, Stash
+from jaxpar.emit.backward import split as backward_split
+from jaxpar.emit.pipeline import Pipelined
+from jaxpar.emit.shardings import by_path, make_mesh
+from jaxpar.emit.state import TrainState, apply_gradients, init_state
+from jaxpar.emit.step import require_layer, split_microbatches
 from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
-from jaxpar.planners.schedules import Schedule
-from jaxpar.planners.ticks import TickTable, tick_table
-from jaxpar.stages import Pieces
-from jaxpar.trace import ModelFn
+from jaxpar.planners.schedules.generators import Schedule
+from jaxpar.planners.schedules.ticks import TickTable, tick_table
+from jaxpar.tracing.params import ModelFn
+from jaxpar.tracing.stages import Pieces
 
 IDLE, FORWARD, BACKWARD, WEIGHT = range(4)
 _KIND = {None: IDLE, "F": FORWARD, "B": BACKWARD, "W": WEIGHT}
@@ -102,7 +103,7 @@ class _ChunkVjp:
     """A chunk's pullback as the tick loop stores it: `stash` says which residuals are the
     chunk's weights (rebuilt from them, not stashed); `kept` are the others as traced once
     before the loop (their shapes size the buffer); `halves` is the backward split into B
-    and W (`jaxpar.backward`) when the schedule splits it."""
+    and W (`jaxpar.emit.backward`) when the schedule splits it."""
 
     stash: Stash
     kept: list
@@ -172,7 +173,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
             x, replicated_over(i), to="varying") if replicated_over(i) else x)
         outer = pieces.outer(params)
         stack = jax.tree.map(lambda w: w[:, 0], pieces.stacked(params))  # (v, k, ...)
-        micro = microbatches(batch, m)
+        micro = split_microbatches(batch, m)
         rank = lax.axis_index("stage")
         one_microbatch = jax.tree.map(lambda a: a[0], micro)
         activation = zeros(jax.eval_shape(pre, outer, one_microbatch))

@@ -1,6 +1,6 @@
 """Train a GPT preset on the Python standard library's bytes under a named plan.
 
-`python -m jaxpar.train --plan dp2+tp4` runs on 8 simulated CPU devices by default and
+`python -m jaxpar.runtime.train --plan dp2+tp4` runs on 8 simulated CPU devices by default and
 prints the plan, a progress bar with loss, tokens/s and model FLOP/s, and the loss drop.
 """
 
@@ -20,7 +20,7 @@ from jaxpar.plan import PlanError, named_plan
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jaxpar.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="jaxpar.runtime.train", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="GPT preset")
     p.add_argument("--plan", default="dp2+fsdp2+tp2", help="named plan, e.g. dp, fsdp, dp2+tp4")
     p.add_argument("--steps", type=int, default=300, help="train up to this step")
@@ -66,10 +66,10 @@ def train(args: argparse.Namespace) -> dict:
     import optax
     from tqdm import tqdm
 
-    from jaxpar.checkpoint import Checkpointer
-    from jaxpar.data import ByteCorpus
-    from jaxpar.emit import parallelize
+    from jaxpar.api import parallelize
     from jaxpar.models import gpt
+    from jaxpar.runtime.checkpoint import Checkpointer
+    from jaxpar.runtime.data import ByteCorpus
 
     devices = jax.devices()
     if len(devices) < args.devices:
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train(args)
     except PlanError as e:
-        print(f"jaxpar.train: error: {e}", file=sys.stderr)
+        print(f"jaxpar.runtime.train: error: {e}", file=sys.stderr)
         return 2
     return 0
 

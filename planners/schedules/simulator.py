@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from jaxpar.planners.schedules import Op, Schedule
+from jaxpar.planners.schedules.generators import Op, Schedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,4 +1,5 @@
-"""auto_parallelize: trace the model, search the plan, emit the step; one call."""
+"""The two entry points: `parallelize` emits the step a Plan describes, in whatever form it
+names; `auto_parallelize` traces the model, searches the plan and emits it, in one call."""
 
 from __future__ import annotations
 
@@ -9,17 +10,43 @@ from typing import Any
 import jax
 import optax
 
-from jaxpar.calibration import calibrate
-from jaxpar.emit import LossFn, Parallelized, parallelize
-from jaxpar.graph import trace_graph
+from jaxpar.cluster.calibration import calibrate
+from jaxpar.emit.mpmd import parallelize_mpmd
+from jaxpar.emit.pipeline import Pipelined, checked
+from jaxpar.emit.spmd import parallelize_spmd
+from jaxpar.emit.state import LossFn
+from jaxpar.emit.step import Parallelized, parallelize_flat
 from jaxpar.plan import Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
 from jaxpar.planners.graph import ModelGraph
-from jaxpar.planners.pipeline import plan_pipeline
-from jaxpar.planners.search import plan_sharding
-from jaxpar.stages import Stages
-from jaxpar.trace import ModelFn
+from jaxpar.planners.pipeline.search import plan_pipeline
+from jaxpar.planners.sharding.search import plan_sharding
+from jaxpar.tracing.graph import trace_graph
+from jaxpar.tracing.params import ModelFn
+from jaxpar.tracing.stages import Stages
+
+
+def parallelize(
+    model_fn: ModelFn,
+    optimizer: optax.GradientTransformation,
+    loss_fn: LossFn,
+    plan: Plan,
+    batch: Any,
+    devices: Sequence[jax.Device] | None = None,
+) -> Parallelized | Pipelined:
+    """Lay out and jit a training step of `model_fn(rngs)` under `plan`.
+
+    `batch` is an example batch (arrays or ShapeDtypeStructs, batch dimension first);
+    every check on the plan runs here, before anything compiles. A plan with a `pipeline`
+    needs `loss_fn` to be a `jaxpar.Stages` and returns a `Pipelined`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if plan.pipeline is None:
+        return parallelize_flat(model_fn, optimizer, loss_fn, plan, batch, devices)
+    plan, pieces, chunk_layers, schedule = checked(model_fn, loss_fn, plan, batch, len(devices))
+    build = parallelize_spmd if plan.pipeline.form == "spmd" else parallelize_mpmd
+    return build(model_fn, optimizer, plan, pieces, chunk_layers, schedule, batch, devices)
 
 
 def optimizer_slots(optimizer: optax.GradientTransformation, params_shape: Any) -> float:

@@ -1,6 +1,6 @@
 """The tick table of a synchronous SPMD pipeline: what every rank does in each tick.
 
-The SPMD runtime (`jaxpar.spmd`) steps all ranks together. In a tick each rank runs at most
+The SPMD runtime (`jaxpar.emit.spmd`) steps all ranks together. In a tick each rank runs at most
 one op of its schedule; then every rank sends the activation it produced to the next rank and
 the gradient to the previous one (one cyclic shift each way: with interleaving, rank p - 1
 sends chunk c's output to rank 0, which holds chunk c + 1). An op runs in the first tick after
@@ -28,8 +28,8 @@ import dataclasses
 import heapq
 from collections import defaultdict
 
-from jaxpar.planners.schedules import Op, Schedule
-from jaxpar.planners.simulator import simulate
+from jaxpar.planners.schedules.generators import Op, Schedule
+from jaxpar.planners.schedules.simulator import simulate
 
 KINDS = "xrgh"
 

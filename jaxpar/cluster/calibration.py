@@ -3,7 +3,7 @@
 Datasheets say nothing about the CPU mesh and flatter real hardware, so `calibrate()` times
 matmuls, memory streaming and collectives on the devices it runs on, fits the collective
 model the planners use (latency growing with the participants, plus bytes over bandwidth),
-then times training steps of two probe GPTs under every mesh shape (jaxpar.probe) and scales
+then times training steps of two probe GPTs under every mesh shape (jaxpar.cluster.probe) and scales
 those figures to what a step sees (jaxpar.planners.fit). It caches the result, with the raw
 timings and every fit, for fit-quality reports, as JSON.
 """
@@ -27,8 +27,8 @@ from scipy.optimize import nnls
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from jaxpar import probe
-from jaxpar.devices import _host_memory_bytes
+from jaxpar.cluster import probe
+from jaxpar.cluster.devices import _host_memory_bytes
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import TERMS, fit_scales, scaled
 
@@ -154,7 +154,7 @@ def _cache_path(devices: Sequence[jax.Device], cache_dir: str | Path | None) -> 
 def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
     """Raw timings: matmul FLOP/s (one device alone, and per device with all busy) per
     size, memory bytes/s per device with all busy, the median seconds of each collective
-    per group size and message size, and the probe GPTs' training steps (jaxpar.probe)."""
+    per group size and message size, and the probe GPTs' training steps (jaxpar.cluster.probe)."""
     start = time.perf_counter()
     n = len(devices)
     groups = [g for g in range(2, n + 1) if n % g == 0]

@@ -10,7 +10,8 @@ import os
 
 import orbax.checkpoint as ocp
 
-from jaxpar.emit import Parallelized, TrainState
+from jaxpar.emit.state import TrainState
+from jaxpar.emit.step import Parallelized
 
 
 class Checkpointer:

@@ -35,7 +35,7 @@ from jax.extend import core
 from jaxpar import context
 from jaxpar.plan import DEFAULT_RULES, ParamInfo, Plan
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
-from jaxpar.trace import ModelFn, abstract_params, path_str
+from jaxpar.tracing.params import ModelFn, abstract_params, path_str
 
 LossFn = Callable[[nnx.Module, Any], jax.Array]
 Axes = tuple[tuple[str | None, ...], ...]  # a parameter view: the logical names of each dim

@@ -50,7 +50,7 @@ from jaxpar.plan import (
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options, Terms, activation_bytes, group_terms
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
-from jaxpar.planners.schedules import (
+from jaxpar.planners.schedules.generators import (
     Op,
     Schedule,
     gpipe,
@@ -58,8 +58,8 @@ from jaxpar.planners.schedules import (
     one_f_one_b,
     zero_bubble_h1,
 )
-from jaxpar.planners.search import describe, divisors, plan_sharding
-from jaxpar.planners.simulator import simulate
+from jaxpar.planners.schedules.simulator import simulate
+from jaxpar.planners.sharding.search import describe, divisors, plan_sharding
 
 GiB = 2**30
 

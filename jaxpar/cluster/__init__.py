@@ -1,0 +1,1 @@
+"""The local devices: what they are (`local_cluster`) and what they measure (`calibrate`)."""

@@ -1,0 +1,1 @@
+"""Plan to programs: the mesh and shardings, the flat step, the pipelined stage programs."""

@@ -1,0 +1,1 @@
+"""Running the emitted step: data, checkpoints and the training script."""

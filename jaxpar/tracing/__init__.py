@@ -1,0 +1,1 @@
+"""Model to ModelGraph: parameters, logical names and the jaxpr walk the planners price."""

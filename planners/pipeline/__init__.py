@@ -1,0 +1,1 @@
+"""The pipeline search: stage cuts, schedules and the sharding inside each stage."""

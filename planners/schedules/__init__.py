@@ -1,0 +1,1 @@
+"""Pipeline schedules: the generators, the event simulator and the SPMD tick table."""

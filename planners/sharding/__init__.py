@@ -1,0 +1,1 @@
+"""The sharding search: mesh shapes and the exact MILP over each parameter group's layout."""
