@@ -11,7 +11,7 @@ _EXPORTS = {
     "PlanError": "jaxpar.plan",
     "ParamInfo": "jaxpar.plan",
     "Predicted": "jaxpar.plan",
-    "named_plan": "jaxpar.plan",
+    "named_plan": "jaxpar.named",
     "Cluster": "jaxpar.planners.cluster",
     "local_cluster": "jaxpar.cluster.devices",
     "make_mesh": "jaxpar.emit.shardings",

@@ -14,7 +14,6 @@ from jaxpar.cluster.calibration import calibrate
 from jaxpar.emit.mpmd import parallelize_mpmd
 from jaxpar.emit.pipeline import Pipelined, checked
 from jaxpar.emit.spmd import parallelize_spmd
-from jaxpar.emit.state import LossFn
 from jaxpar.emit.step import Parallelized, parallelize_flat
 from jaxpar.plan import Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
@@ -23,7 +22,7 @@ from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.pipeline.search import plan_pipeline
 from jaxpar.planners.sharding.search import plan_sharding
 from jaxpar.tracing.graph import trace_graph
-from jaxpar.tracing.params import ModelFn
+from jaxpar.tracing.params import LossFn, ModelFn
 from jaxpar.tracing.stages import Stages
 
 
@@ -73,7 +72,7 @@ def auto_parallelize(
     devices (measured once, then cached); `plan.explain()` shows the runners-up.
 
     With `pipeline=True` (the loss a `jaxpar.Stages`) pipelines are searched too
-    (`planners.pipeline.plan_pipeline`) and run in the MPMD form when one is predicted
+    (`planners.pipeline.search.plan_pipeline`) and run in the MPMD form when one is predicted
     faster; either way `plan.explain()` says why pipelining won or lost."""
     devices = list(jax.devices() if devices is None else devices)
     cluster = cluster or calibrate(devices)

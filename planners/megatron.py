@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from jaxpar.plan import ParamInfo, PlanError, named_plan
+from jaxpar.named import named_plan
+from jaxpar.plan import ParamInfo, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
-from jaxpar.planners.pipeline.search import evaluate_pipeline, schedule_allows
+from jaxpar.planners.pipeline.search import evaluate_pipeline
+from jaxpar.planners.schedules.generators import schedule_allows
 
 # Mixed precision as Megatron-LM trains: fp16 parameters, gradients and activations (2 bytes);
 # an fp32 master copy and Adam's two fp32 moments are 12 bytes per parameter = 6 fp16 slots.

@@ -43,15 +43,13 @@ import optax
 
 import jaxpar
 from jaxpar.models import gpt
-from jaxpar.plan import Pipeline, named_plan
+from jaxpar.named import named_plan
+from jaxpar.plan import Pipeline
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.megatron import MIXED, megatron_table, paper_step, row_graph
-from jaxpar.planners.pipeline.search import (
-    make_schedule,
-    plan_pipeline,
-    schedule_allows,
-    step_flops,
-)
+from jaxpar.planners.pipeline.result import step_flops
+from jaxpar.planners.pipeline.search import plan_pipeline
+from jaxpar.planners.schedules.generators import make_schedule, schedule_allows
 from jaxpar.planners.schedules.simulator import simulate
 from jaxpar.report import text_table, write_result
 

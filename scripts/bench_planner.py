@@ -55,7 +55,8 @@ from jaxpar.cluster.calibration import load_measurements
 from jaxpar.cluster.probe import example_batch, random_state
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import GPTConfig, preset
-from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
+from jaxpar.named import named_plan
+from jaxpar.plan import ParamInfo, Plan, PlanError
 from jaxpar.planners.cluster import Cluster, a100_80gb
 from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import ModelGraph

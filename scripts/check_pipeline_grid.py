@@ -37,7 +37,7 @@ from tqdm import tqdm
 import jaxpar
 from jaxpar.models import gpt
 from jaxpar.plan import Pipeline
-from jaxpar.planners.pipeline.search import schedule_allows
+from jaxpar.planners.schedules.generators import schedule_allows
 from jaxpar.report import text_table, write_result
 from jaxpar.tracing.params import abstract_params
 

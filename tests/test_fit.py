@@ -8,7 +8,7 @@ import math
 import pytest
 from test_search import transformer
 
-from jaxpar.plan import named_plan
+from jaxpar.named import named_plan
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import predict
 from jaxpar.planners.fit import MIN_SCALES, TERMS, fit_scales, scaled, step_terms

@@ -12,32 +12,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpar.plan import Plan, PlanError, named_plan
+from jaxpar.named import named_plan
+from jaxpar.plan import SCHEDULES, Plan, PlanError
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.graph import Tensor
 from jaxpar.planners.megatron import MIXED, gpt_graph, megatron_table, paper_step, row_graph
-from jaxpar.planners.pipeline.search import (
-    SCHEDULES,
+from jaxpar.planners.pipeline.cost import (
     Cost,
-    PipelinePlan,
-    _max_layers,
-    _Pricer,
-    _proxy_memory,
-    cut_layers,
-    evaluate_pipeline,
-    in_flight,
+    Pricer,
     live_bytes,
-    make_schedule,
     piece_cost,
     pipeline_bound,
-    plan_pipeline,
-    rescale,
-    schedule_allows,
-    stage_parts,
-    step_flops,
-    subcluster,
+    proxy_memory,
     sync_time,
 )
+from jaxpar.planners.pipeline.cut import cut_layers, max_layers
+from jaxpar.planners.pipeline.parts import rescale, stage_parts, subcluster
+from jaxpar.planners.pipeline.result import PipelinePlan, step_flops
+from jaxpar.planners.pipeline.search import evaluate_pipeline, plan_pipeline
+from jaxpar.planners.schedules.generators import in_flight, make_schedule, schedule_allows
 from jaxpar.planners.schedules.simulator import simulate
 
 GiB = 2**30
@@ -165,7 +158,7 @@ def test_pricing_once_per_fsdp_x_tensor_equals_pricing_each_stage_mesh():
     stage mesh; that equals `piece_cost` on the stage mesh itself."""
     graph = gpt_graph(2048, 16, 8, batch=64, length=1024, vocab=8192)
     cluster = a100_80gb(num_nodes=4)
-    pricer = _Pricer(graph, cluster, MIXED)
+    pricer = Pricer(graph, cluster, MIXED)
     for spec, zero, remat, b in (("dp8+tp2", 1, True, 2), ("dp4+fsdp2+tp2", 0, False, 1),
                                  ("dp8+fsdp2", 1, True, 4)):
         plan = dataclasses.replace(named_plan(spec, 16), zero=zero, remat=remat)
@@ -218,20 +211,20 @@ def test_a_tight_budget_is_respected_by_the_cut_and_the_search():
 
 
 def test_layer_caps_solve_the_memory_formula():
-    """`_max_layers` (the estimate's closed form) agrees with `_proxy_memory` (the DP's)."""
+    """`max_layers` (the estimate's closed form) agrees with `proxy_memory` (the DP's)."""
     graph = gpt_graph(2048, 16, 24, batch=64, length=2048, vocab=8192)
-    pricer = _Pricer(graph, a100_80gb(num_nodes=2), MIXED)
+    pricer = Pricer(graph, a100_80gb(num_nodes=2), MIXED)
     for spec, remat, v, stashed, held in (("dp4", True, 1, 4, 0), ("dp2+tp2", False, 2, 7, 0),
                                           ("dp2+fsdp2", True, 1, 4, 3)):
         plan = dataclasses.replace(named_plan(spec, 4), remat=remat)
         model = pricer.model(4, plan, 2)
         for extras in (Cost(), model.first, model.last):
             def memory(k, extras=extras, v=v, stashed=stashed, held=held, model=model):
-                return sum(_proxy_memory(model.layer * k, extras, v, stashed, held,
+                return sum(proxy_memory(model.layer * k, extras, v, stashed, held,
                                          model).values())
 
             budget = memory(5) * 1.001
-            assert _max_layers(model, extras, v, stashed, held, budget) == 5
+            assert max_layers(model, extras, v, stashed, held, budget) == 5
             assert memory(6) > budget
 
 

@@ -7,11 +7,12 @@ import math
 
 import pytest
 
-from jaxpar.plan import ParamInfo, Plan, PlanError, named_plan
+from jaxpar.named import named_plan
+from jaxpar.plan import ParamInfo, Plan, PlanError
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import Options, group_terms, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
-from jaxpar.planners.pipeline.search import piece_cost
+from jaxpar.planners.pipeline.cost import piece_cost
 from jaxpar.planners.sharding.search import (
     describe,
     divisors,

@@ -17,8 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxpar.plan import Plan, PlanError
-from jaxpar.planners.pipeline.search import make_schedule
-from jaxpar.planners.schedules.generators import Schedule
+from jaxpar.planners.schedules.generators import Schedule, make_schedule
 from jaxpar.tracing.params import ModelFn
 from jaxpar.tracing.stages import Pieces, Stages
 

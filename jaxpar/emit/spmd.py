@@ -1,12 +1,12 @@
 """The SPMD form of the pipeline runtime: one jitted program over the whole mesh.
 
 The program is a `shard_map` manual over `stage` and the batch axes (`data`, `fsdp`) and
-automatic over `tensor`, as in `jaxpar.emit.step`. The layer stack is stored as (v, p, k, ...) with
-p split over `stage`, so rank r holds local chunk j = chunk j p + r (Megatron's interleaved
-layout; v = 1 is plain 1F1B). A `lax.scan` walks the tick table of `planners.ticks`: in each
-tick every rank runs the op of its row (`lax.switch` on the row picked by its stage index),
-then activations move one rank forward and gradients one rank back (cyclic `ppermute`s) into
-the buffer slots the table names.
+automatic over `tensor`, as in `jaxpar.emit.step`. The layer stack is stored as
+(v, p, k, ...) with p split over `stage`, so rank r holds local chunk j = chunk j p + r
+(Megatron's interleaved layout; v = 1 is plain 1F1B). A `lax.scan` walks the tick table of
+`planners.schedules.ticks`: in each tick every rank runs the op of its row (`lax.switch` on
+the row picked by its stage index), then activations move one rank forward and gradients one
+rank back (cyclic `ppermute`s) into the buffer slots the table names.
 
 F stashes the chunk's VJP residuals (those that are not its weights) and B applies the
 pullback to them; with a zero-bubble schedule B and W are the two halves of that pullback

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,6 @@ import optax
 from flax import nnx
 
 from jaxpar.tracing.params import ModelFn
-
-LossFn = Callable[[nnx.Module, Any], jax.Array]
 
 
 class TrainState(NamedTuple):

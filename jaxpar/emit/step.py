@@ -21,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
 from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
-from jaxpar.emit.state import LossFn, TrainState, apply_gradients, init_state
+from jaxpar.emit.state import TrainState, apply_gradients, init_state
 from jaxpar.plan import ParamInfo, Plan, PlanError
-from jaxpar.tracing.params import ModelFn, abstract_params
+from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ import time
 from collections.abc import Sequence
 
 from jaxpar.models.presets import PRESETS
-from jaxpar.plan import PlanError, named_plan
+from jaxpar.named import named_plan
+from jaxpar.plan import PlanError
 
 # ----------------------------------------------------------------------------- flags
 

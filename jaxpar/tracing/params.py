@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 from flax import nnx
 
 from jaxpar.plan import ParamInfo, PlanError
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
+LossFn = Callable[[nnx.Module, Any], jax.Array]
 
 
 def path_str(path: Sequence[Any]) -> str:

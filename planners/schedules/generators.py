@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxpar.plan import SCHEDULES
+
 Kind = Literal["F", "B", "W"]
 
 
@@ -188,3 +190,48 @@ def zero_bubble_h1(p: int, m: int) -> Schedule:
         rank_ops += [Op("W", i, r) for i in range(m - r, m)]
         ops.append(tuple(rank_ops))
     return Schedule("zb-h1", p, m, 1, tuple(ops))
+
+
+def check_schedule(name: str, v: int) -> None:
+    """Raise ValueError unless `name` is a schedule that runs `v` chunks per rank."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if v < 1 or (v > 1 and name != "interleaved_1f1b"):
+        raise ValueError(f"{name} runs one chunk per rank; v={v} virtual stages need "
+                         f"interleaved_1f1b (v >= 1)")
+
+
+
+def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
+    """The named schedule's op lists; the generators raise ValueError on an m they refuse."""
+    check_schedule(name, v)
+    if name == "gpipe":
+        return gpipe(p, m)
+    if name == "1f1b":
+        return one_f_one_b(p, m)
+    if name == "zero_bubble_h1":
+        return zero_bubble_h1(p, m)
+    return interleaved_1f1b(p, m, v)
+
+
+
+def schedule_allows(name: str, p: int, m: int, v: int) -> bool:
+    """The generators' conditions on m, without building the schedule: interleaving needs
+    m mod p = 0 (Megatron-LM), ZB-H1 m >= p."""
+    if name == "interleaved_1f1b" and v > 1:
+        return m % p == 0
+    return name != "zero_bubble_h1" or m >= p
+
+
+
+def in_flight(name: str, p: int, m: int, v: int) -> tuple[tuple[int, int], ...]:
+    """Per rank r, the most (microbatch, chunk) activations stashed at once and the most held
+    between B and W (zero-bubble only): GPipe m; 1F1B min(p - r, m); interleaved
+    min(2 (p - r - 1) + (v - 1) p + 1, m v); ZB-H1 p stashed and min(r + 1, m) held."""
+    if name == "gpipe":
+        return ((m, 0),) * p
+    if name == "zero_bubble_h1":
+        return tuple((min(p, m), min(r + 1, m)) for r in range(p))
+    if v == 1:
+        return tuple((min(p - r, m), 0) for r in range(p))
+    return tuple((min(2 * (p - r - 1) + (v - 1) * p + 1, m * v), 0) for r in range(p))
