@@ -8,6 +8,7 @@ table of parameters with their logical and mesh axes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -161,9 +162,16 @@ class Plan:
     alternatives: tuple[Alternative, ...] = ()
     pipeline: Pipeline | None = None
 
+    def __post_init__(self):  # lists in, tuples kept: a Plan is hashable data
+        object.__setattr__(self, "mesh", tuple((name, size) for name, size in self.mesh))
+        object.__setattr__(self, "rules", _rules(self.rules))
+        object.__setattr__(self, "group_rules", tuple(
+            (pattern, _rules(r)) for pattern, r in self.group_rules))
+
     # ----------------------------------------------------------------- mesh
-    @property
+    @functools.cached_property
     def mesh_shape(self) -> dict[str, int]:
+        """Axis name to size (read-only by convention: cached on the plan)."""
         return dict(self.mesh)
 
     @property
@@ -189,44 +197,21 @@ class Plan:
 
     # --------------------------------------------------------------- layout
     def rules_for(self, path: str | None = None) -> Rules:
-        if path is not None:
-            for pattern, rules in self.group_rules:
-                if re.search(pattern, path):
-                    return rules
-        return self.rules
+        return _rules_for(self.rules, self.group_rules, path)
 
     def layout(self, logical_axes: Sequence[str | None], path: str | None = None) -> Layout:
         """Mesh axes of each dimension, resolved as Flax does: rules in order, each logical
         name takes the first rule whose mesh axes this tensor has not used yet. Mesh axes
-        of size 1 (and absent ones) drop out. Memoised per plan: planners ask for the
-        same layouts hundreds of thousands of times."""
-        key = (tuple(logical_axes), path)
-        cache = self.__dict__.setdefault("_layouts", {})
-        if key not in cache:
-            cache[key] = self._resolve(key[0], path)
-        return cache[key]
-
-    def _resolve(self, logical_axes: tuple[str | None, ...], path: str | None) -> Layout:
-        rules = self.rules_for(path)
-        known = {name for name, _ in rules}
-        for name in logical_axes:
-            if name is not None and name not in known:
-                where = f" of {path}" if path else ""
-                raise PlanError(
-                    f"logical axis {name!r}{where} has no rule in the plan; add "
-                    f"({name!r}, ()) to replicate it or map it to mesh axes"
-                )
-        resolved: list[tuple[str, ...] | None] = [None] * len(logical_axes)
-        used: set[str] = set()
-        for rule_name, mesh_axes in rules:
-            mesh_axes = tuple(a for a in mesh_axes if self.mesh_shape.get(a, 1) > 1)
-            for i, name in enumerate(logical_axes):
-                if name != rule_name or resolved[i] is not None:
-                    continue
-                if used.isdisjoint(mesh_axes):
-                    resolved[i] = mesh_axes
-                    used.update(mesh_axes)
-        return tuple(r or () for r in resolved)
+        of size 1 (and absent ones) drop out."""
+        try:
+            return _resolve(self.mesh, self.rules_for(path), tuple(logical_axes))
+        except _NoRule as missing:
+            name = missing.args[0]
+            where = f" of {path}" if path else ""
+            raise PlanError(
+                f"logical axis {name!r}{where} has no rule in the plan; add "
+                f"({name!r}, ()) to replicate it or map it to mesh axes"
+            ) from None
 
     def param_layout(self, info: ParamInfo) -> Layout:
         return self.layout(info.logical_axes, info.path)
@@ -305,9 +290,6 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
-        d["mesh"] = tuple((name, size) for name, size in d["mesh"])
-        d["rules"] = _rules(d["rules"])
-        d["group_rules"] = tuple((pattern, _rules(r)) for pattern, r in d["group_rules"])
         d["params"] = tuple(
             ParamInfo(p["path"], tuple(p["shape"]), p["dtype"], tuple(p["logical_axes"]))
             for p in d["params"]
@@ -397,3 +379,40 @@ def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
 
 def _rules(raw) -> Rules:
     return tuple((name, tuple(axes)) for name, axes in raw)
+
+
+class _NoRule(KeyError):
+    """A logical axis name no rule maps."""
+
+
+# Memoised across plans: planners price the same layouts hundreds of thousands of times,
+# on plans that differ only in fields the layout does not read.
+@functools.lru_cache(maxsize=65536)
+def _rules_for(rules: Rules, group_rules: tuple[tuple[str, Rules], ...],
+               path: str | None) -> Rules:
+    if path is not None:
+        for pattern, group in group_rules:
+            if re.search(pattern, path):
+                return group
+    return rules
+
+
+@functools.lru_cache(maxsize=65536)
+def _resolve(mesh: tuple[tuple[str, int], ...], rules: Rules,
+             logical_axes: tuple[str | None, ...]) -> Layout:
+    known = {name for name, _ in rules}
+    for name in logical_axes:
+        if name is not None and name not in known:
+            raise _NoRule(name)
+    sizes = dict(mesh)
+    resolved: list[tuple[str, ...] | None] = [None] * len(logical_axes)
+    used: set[str] = set()
+    for rule_name, mesh_axes in rules:
+        mesh_axes = tuple(a for a in mesh_axes if sizes.get(a, 1) > 1)
+        for i, name in enumerate(logical_axes):
+            if name != rule_name or resolved[i] is not None:
+                continue
+            if used.isdisjoint(mesh_axes):
+                resolved[i] = mesh_axes
+                used.update(mesh_axes)
+    return tuple(r or () for r in resolved)

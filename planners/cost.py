@@ -23,6 +23,7 @@ input gradient (backward, kept dimension split) over `tensor`, per microbatch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -86,13 +87,18 @@ def link(cluster: Cluster, plan: Plan, axes: tuple[str, ...],
     """(bandwidth, latency) of a collective of `kind` over mesh `axes`: devices are laid out
     row-major over the mesh, so an axis' stride is the product of the later axes' sizes, and
     the group spans the sum of stride x (size - 1) over its axes."""
-    names = [name for name, _ in plan.mesh]
-    sizes = plan.mesh_shape
+    return cluster.link(_size(plan, axes), 1, kind, span=_span(plan.mesh, tuple(axes)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _span(mesh: tuple[tuple[str, int], ...], axes: tuple[str, ...]) -> int:
+    names = [name for name, _ in mesh]
+    sizes = dict(mesh)
     span = 0
     for axis in axes:
         stride = math.prod(sizes[b] for b in names[names.index(axis) + 1:])
         span += stride * (sizes[axis] - 1)
-    return cluster.link(_size(plan, axes), 1, kind, span=span)
+    return span
 
 
 def _size(plan: Plan, axes) -> int:
@@ -123,15 +129,88 @@ def is_stacked(group: Group) -> bool:
 def group_terms(group: Group, plan: Plan, cluster: Cluster,
                 options: Options | None = None) -> Terms:
     """Time and memory of `group` under `plan` for one training step."""
-    options = options or Options()
-    t = Terms()
+    return group_variants(group, plan, cluster, options, [(plan.remat, plan.microbatches)])[0]
+
+
+def group_variants(group: Group, plan: Plan, cluster: Cluster, options: Options | None,
+                   variants: Sequence[tuple[bool, int]]) -> list[Terms]:
+    """`group_terms` under `plan` with each (remat, microbatches) of `variants` in turn: the
+    layout is priced once (what each collective moves, on which links), the counts per
+    variant."""
+    priced = _price_layout(group, plan, cluster, options or Options())
+    return [priced.terms(remat, m) for remat, m in variants]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Booking:
+    """A collective over `n` devices on links of `bandwidth` and `latency`, `count` times
+    per step, times the microbatches when `per_microbatch`, twice under remat when
+    `recomputed`; its buffer is `nbytes` per step, a microbatch's share when `split`."""
+
+    kind: str
+    n: int
+    bandwidth: float
+    latency: float
+    nbytes: float
+    count: float
+    per_microbatch: bool = True
+    split: bool = False
+    recomputed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _PricedLayout:
+    """What a group's cost under one layout is made of, before remat and microbatches."""
+
+    stacked: bool
+    compute_s: float  # one pass (forward) of every layer
+    bookings: tuple[_Booking, ...]
+    streamed: tuple[tuple[float, float, float], ...]  # (gradient, shard, update) per param
+    memory_bandwidth: float
+    slots: int
+    memory: dict[str, float]
+    parameter_temporary: float
+    activations: float  # saved for backward over one step's batch, all layers
+    activations_remat: float  # the same under remat
+    layer_activations: float  # one layer's full set: the backward's working memory
+
+    def terms(self, remat: bool, m: int) -> Terms:
+        remat = remat and self.stacked
+        t = Terms(compute_s=(3 + remat) * self.compute_s)
+        for b in self.bookings:
+            times = b.count * (m if b.per_microbatch else 1) * (2 if remat and b.recomputed
+                                                                 else 1)
+            nbytes = b.nbytes / m if b.split else b.nbytes
+            t.latency_s += times * b.latency
+            t.communication_s += times * (b.latency
+                                          + RING_FACTOR[b.kind](b.n) * nbytes / b.bandwidth)
+            t.collective_bytes[b.kind] += times * (nbytes / b.n if b.kind == "reduce-scatter"
+                                                   else nbytes)
+        for gradient, shard, update in self.streamed:
+            t.memory_s += streamed_bytes(gradient, shard, update, m, self.slots
+                                         ) / self.memory_bandwidth
+            t.microbatch_memory_s += (gradient + 3 * shard) / self.memory_bandwidth
+        t.memory.update(self.memory)
+        t.memory["activations"] += (self.activations_remat if remat else self.activations) / m
+        t.temporary = max(self.parameter_temporary, self.layer_activations / m)
+        return t
+
+
+def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
+                  ) -> _PricedLayout:
     manual = plan.batch_axes
-    dp, m = plan.data_parallel_size, plan.microbatches
+    dp = plan.data_parallel_size
     stacked = is_stacked(group)
-    remat = plan.remat and stacked
     layout = {p.path: plan.param_layout(p) for p in group.params}
     auto = {path: tuple(a for axes in lay for a in axes if a not in manual)
             for path, lay in layout.items()}
+    bookings: list[_Booking] = []
+
+    def book(kind: str, axes: tuple[str, ...], nbytes: float, count: float, **how) -> None:
+        n = _size(plan, axes)
+        if n > 1 and nbytes > 0:
+            bandwidth, latency = link(cluster, plan, axes, kind)
+            bookings.append(_Booking(kind, n, bandwidth, latency, nbytes, count, **how))
 
     # ---- compute: forward, backward (2x forward), and the recomputed forward under remat
     param_flops, split_flops = 0.0, 0.0
@@ -141,8 +220,7 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
         split_flops += mm.flops / _size(plan, auto.get(mm.param, ()))
     other_split = _size(plan, {a for axes in auto.values() for a in axes}) if auto else 1
     device_flops = (split_flops + (group.flops_fwd - param_flops) / other_split) / dp
-    passes = 3 + (1 if remat else 0)
-    t.compute_s = group.repeat * passes * device_flops / (cluster.peak_flops * options.efficiency)
+    compute_s = group.repeat * device_flops / (cluster.peak_flops * options.efficiency)
 
     # ---- tensor parallelism: Megatron all-reduces of activations (per layer and microbatch)
     for mm in group.matmuls:
@@ -153,45 +231,44 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
         contracted = tuple(a for name in mm.contracting for a in axes_of.get(name, ())
                            if a not in manual)
         kept = tuple(a for name in mm.free for a in axes_of.get(name, ()) if a not in manual)
-        forward_times = group.repeat * m * (2 if remat else 1)
-        t.collective(cluster, plan, "all-reduce", contracted, mm.out_bytes / dp / m / _size(
-            plan, kept), forward_times)
-        t.collective(cluster, plan, "all-reduce", kept, mm.in_bytes / dp / m, group.repeat * m)
+        book("all-reduce", contracted, mm.out_bytes / dp / _size(plan, kept), group.repeat,
+             split=True, recomputed=True)
+        book("all-reduce", kept, mm.in_bytes / dp, group.repeat, split=True)
 
     # ---- parameters: fsdp gathers and reduce-scatters, data-parallel all-reduce, and the
     # memory-bound gradient and update work on each device's copy
     gathers = 2 if stacked else 1  # a layer's gathered copy is recomputed, not saved
+    memory = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
+    temporary = 0.0
+    streamed = []
     for p in group.params:
         lay = layout[p.path]
         full = math.prod(_layer_shape(p, stacked)) * p.nbytes / max(math.prod(p.shape), 1)
         layer_bytes = full / _size(plan, auto[p.path])
         sharded_over = tuple(a for axes in lay for a in axes if a in manual)
         replicated_over = tuple(a for a in manual if a not in sharded_over)
-        times = group.repeat * m
-        t.collective(cluster, plan, "all-gather", sharded_over, layer_bytes, gathers * times)
-        t.collective(cluster, plan, "reduce-scatter", sharded_over, layer_bytes, times)
+        book("all-gather", sharded_over, layer_bytes, gathers * group.repeat)
+        book("reduce-scatter", sharded_over, layer_bytes, group.repeat)
         shard = p.nbytes / _size(plan, sum(lay, ()))
-        t.collective(cluster, plan, "all-reduce", replicated_over, shard)
+        book("all-reduce", replicated_over, shard, 1, per_microbatch=False)
         if sharded_over:
-            t.temporary = max(t.temporary, 2 * layer_bytes)
-        t.memory["params"] += shard
-        t.memory["grads"] += shard
+            temporary = max(temporary, 2 * layer_bytes)
+        memory["params"] += shard
+        memory["grads"] += shard
         opt_axes = sum(plan.optimizer_layout(p), ())
         opt = p.nbytes / _size(plan, opt_axes)
-        t.memory["optimizer"] += options.optimizer_slots * opt
-        gradient = p.nbytes / _size(plan, auto[p.path])
-        t.memory_s += streamed_bytes(gradient, shard, opt, m, options.optimizer_slots
-                                     ) / cluster.memory_bandwidth
-        t.microbatch_memory_s += (gradient + 3 * shard) / cluster.memory_bandwidth
+        memory["optimizer"] += options.optimizer_slots * opt
+        streamed.append((p.nbytes / _size(plan, auto[p.path]), shard, opt))
         extra = tuple(a for a in opt_axes if a not in sum(lay, ()))
-        t.collective(cluster, plan, "all-gather", extra, shard)  # ZeRO-1: updates gathered
+        book("all-gather", extra, shard, 1, per_microbatch=False)  # ZeRO-1: updates gathered
 
     # ---- activations saved for backward, one microbatch at a time (the scan); the backward
     # pass of a layer holds that layer's full set (recomputed under remat) as working memory
-    saved = group.saved_remat if remat else group.saved
-    t.memory["activations"] += group.repeat * activation_bytes(saved, plan) / m
-    t.temporary = max(t.temporary, activation_bytes(group.saved, plan) / m)
-    return t
+    saved = activation_bytes(group.saved, plan)
+    return _PricedLayout(stacked, compute_s, tuple(bookings), tuple(streamed),
+                         cluster.memory_bandwidth, options.optimizer_slots, memory, temporary,
+                         group.repeat * saved,
+                         group.repeat * activation_bytes(group.saved_remat, plan), saved)
 
 
 def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:

@@ -279,7 +279,7 @@ def _flat(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,
           best: PipelinePlan) -> tuple[Plan | None, Alternative]:
     """The best plan without pipelining, and its line among the runners-up."""
     try:
-        flat = plan_sharding(graph, cluster, budget, options)
+        flat = plan_sharding(graph, cluster, budget, options, suggest_devices=False)
     except PlanError as err:
         return None, Alternative("no pipeline", math.nan, math.nan, str(err).split(";")[0])
     step = flat.predicted.step_s

@@ -10,16 +10,17 @@ Generators are small pure functions; `simulator.simulate` times and validates th
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import functools
+from typing import Literal, NamedTuple
 
 from jaxpar.plan import SCHEDULES
 
 Kind = Literal["F", "B", "W"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Op:
-    """One unit of pipeline work: `kind` pass of `chunk` on `microbatch`."""
+class Op(NamedTuple):
+    """One unit of pipeline work: `kind` pass of `chunk` on `microbatch`. A named tuple:
+    simulators hash millions of them."""
 
     kind: Kind
     microbatch: int
@@ -60,7 +61,7 @@ class Schedule:
         """Chunk c is virtual stage c; it lives on rank c mod p (Megatron's layout)."""
         return chunk % self.p
 
-    @property
+    @functools.cached_property
     def splits_backward(self) -> bool:
         """True when the weight gradient runs as separate W ops (zero-bubble schedules)."""
         return any(op.kind == "W" for rank_ops in self.ops for op in rank_ops)

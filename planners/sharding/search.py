@@ -19,6 +19,7 @@ offered only when some group is a layer stack, the only place it applies.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -35,7 +36,7 @@ from jaxpar.plan import (
     Rules,
 )
 from jaxpar.planners.cluster import Cluster
-from jaxpar.planners.cost import Options, group_terms, is_stacked, predict
+from jaxpar.planners.cost import Options, group_variants, is_stacked, predict
 from jaxpar.planners.graph import ModelGraph
 
 GiB = 2**30
@@ -126,14 +127,12 @@ def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
             except PlanError:
                 continue
             valid += 1
-            for remat in remat_choices:
-                for m in microbatches:
-                    variant = dataclasses.replace(plan, remat=remat, microbatches=m)
-                    t = group_terms(group, variant, cluster, options)
-                    time_s = t.compute_s + t.memory_s + t.communication_s
-                    combos.append(_Combo(gi, fsdp, remat, m, time_s,
-                                         sum(t.memory.values()), t.temporary,
-                                         t.memory["params"]))
+            variants = list(itertools.product(remat_choices, microbatches))
+            for (remat, m), t in zip(variants, group_variants(group, plan, cluster, options,
+                                                               variants)):
+                time_s = t.compute_s + t.memory_s + t.communication_s
+                combos.append(_Combo(gi, fsdp, remat, m, time_s, sum(t.memory.values()),
+                                     t.temporary, t.memory["params"]))
         if not valid:
             return None
     return combos
@@ -142,7 +141,7 @@ def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
 def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Sequence[int],
            budget: float, options: Options, minimise_memory: bool = False) -> _Solution | None:
     """The MILP for one mesh shape and ZeRO level."""
-    fixed_memory = graph.batch_bytes / base.data_parallel_size + options.reserve_bytes
+    fixed_memory = _fixed_memory(graph, base, options)
     n, groups = len(combos), len(graph.groups)
     # variables: y (one per combo), z (one per microbatch count), r (remat), T (temporaries)
     nz = len(microbatches)
@@ -198,6 +197,23 @@ def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Se
     return _Solution(plan, time_s, _memory(chosen) + fixed_memory, float(result.mip_gap or 0.0))
 
 
+def _fixed_memory(graph: ModelGraph, base: Plan, options: Options) -> float:
+    """Per-device bytes no layout choice changes: the batch shard and the reserve."""
+    return graph.batch_bytes / base.data_parallel_size + options.reserve_bytes
+
+
+def _memory_floor(combos: Sequence[_Combo]) -> float:
+    """A lower bound on `_memory` of any choice of one combo per group: each term at its
+    least, group by group. Above the budget, the MILP need not run."""
+    least: dict[int, tuple[float, float, float]] = {}
+    for k in combos:
+        memory, temporary, params = least.get(k.group, (math.inf,) * 3)
+        least[k.group] = (min(memory, k.memory), min(temporary, k.temporary),
+                          min(params, k.params))
+    memory, temporary, params = zip(*least.values())
+    return sum(memory) + max(max(temporary), sum(params))
+
+
 def _memory(chosen: Sequence[_Combo]) -> float:
     """Per-device bytes of one combo per group (the batch and reserve aside): everything the
     groups hold, plus temporaries, the larger of one group's and all the parameters."""
@@ -220,11 +236,19 @@ def _fewest_microbatches(combos: Sequence[_Combo], chosen: list[_Combo],
     return chosen
 
 
+@dataclasses.dataclass(frozen=True)
+class _NoFit:
+    """A mesh shape and ZeRO level none of whose layouts fits, with what was priced."""
+    base: Plan
+    combos: list[_Combo]
+    microbatches: list[int]
+
+
 def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,
-            max_microbatches: int) -> tuple[list[_Solution], list[Plan]]:
+            max_microbatches: int) -> tuple[list[_Solution], list[_NoFit]]:
     """The best plan of every mesh shape and ZeRO level that fits, and the bases that don't."""
     solutions: list[_Solution] = []
-    infeasible: list[Plan] = []
+    infeasible: list[_NoFit] = []
     for mesh in mesh_shapes(cluster.num_devices):
         base = Plan(mesh=mesh, rules=DEFAULT_RULES)
         dp = base.data_parallel_size
@@ -236,9 +260,11 @@ def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options
             combos = _combos(graph, base_z, cluster, options, micro)
             if combos is None:
                 break
-            found = _solve(graph, base_z, combos, micro, budget, options)
+            fixed = _fixed_memory(graph, base_z, options)
+            found = (None if _memory_floor(combos) + fixed > budget
+                     else _solve(graph, base_z, combos, micro, budget, options))
             if found is None:
-                infeasible.append(base_z)
+                infeasible.append(_NoFit(base_z, combos, micro))
             else:
                 solutions.append(found)
     return solutions, infeasible
@@ -246,17 +272,18 @@ def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options
 
 def plan_sharding(graph: ModelGraph, cluster: Cluster, memory_budget: float | None = None,
                   options: Options | None = None, max_microbatches: int = 16,
-                  alternatives: int = 8) -> Plan:
+                  alternatives: int = 8, suggest_devices: bool = True) -> Plan:
     """The plan with the least predicted step time whose predicted per-device memory fits
     `memory_budget` (default: the cluster's device memory). Raises PlanError naming the
-    smallest memory (and device count) that would fit when nothing does."""
+    smallest memory that would fit when nothing does and, with `suggest_devices`, the
+    fewest devices (up to 64x as many) that would fit: a search of each larger cluster."""
     budget = cluster.memory_bytes if memory_budget is None else memory_budget
     options = options or Options()
     start = time.perf_counter()
     solutions, infeasible = _search(graph, cluster, budget, options, max_microbatches)
     if not solutions:
         raise PlanError(_no_fit_message(graph, cluster, budget, infeasible, options,
-                                        max_microbatches))
+                                        max_microbatches if suggest_devices else None))
     solutions.sort(key=lambda s: s.time_s)
     best = solutions[0]
     plan = dataclasses.replace(best.plan, name=describe(best.plan)).bind(graph.params)
@@ -266,28 +293,32 @@ def plan_sharding(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
     runners = [Alternative(describe(s.plan), s.time_s, s.memory,
                            f"{s.time_s / best.time_s - 1:+.1%} step time")
                for s in solutions[1:alternatives + 1]]
-    runners += [Alternative(describe(p), math.nan, math.nan,
+    runners += [Alternative(describe(no.base), math.nan, math.nan,
                             f"no layout fits {budget / GiB:.2f} GiB")
-                for p in infeasible[:max(0, alternatives - len(runners))]]
+                for no in infeasible[:max(0, alternatives - len(runners))]]
     return dataclasses.replace(plan, predicted=predicted, alternatives=tuple(runners))
 
 
 def _no_fit_message(graph: ModelGraph, cluster: Cluster, budget: float,
-                    infeasible: list[Plan], options: Options, max_microbatches: int) -> str:
-    """Name the smallest per-device memory any plan needs and the devices that would fit."""
+                    infeasible: list[_NoFit], options: Options,
+                    max_microbatches: int | None) -> str:
+    """Name the smallest per-device memory any plan needs and, given `max_microbatches`,
+    the devices that would fit."""
     least, least_plan = math.inf, None
-    for base in infeasible:
-        dp = base.data_parallel_size
-        micro = [m for m in divisors(graph.batch_size // dp) if m <= max_microbatches]
-        combos = _combos(graph, base, cluster, options, micro)
-        found = _solve(graph, base, combos, micro, budget, options, minimise_memory=True)
+    floors = sorted((_memory_floor(no.combos) + _fixed_memory(graph, no.base, options), i, no)
+                    for i, no in enumerate(infeasible))
+    for floor, _, no in floors:
+        if floor >= least:  # sorted: no later base can need less
+            break
+        found = _solve(graph, no.base, no.combos, no.microbatches, budget, options,
+                       minimise_memory=True)
         if found and found.memory < least:
             least, least_plan = found.memory, found.plan
     if least_plan is None:
         return (f"no mesh of {cluster.num_devices} devices can lay out this model with batch "
                 f"{graph.batch_size}; change the batch size or the device count")
     more = ""
-    for factor in (2, 4, 8, 16, 32, 64):
+    for factor in (2, 4, 8, 16, 32, 64) if max_microbatches is not None else ():
         bigger = dataclasses.replace(cluster, num_nodes=cluster.num_nodes * factor)
         if _search(graph, bigger, budget, options, max_microbatches)[0]:
             more = f", or use >= {bigger.num_devices} devices"
