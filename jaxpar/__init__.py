@@ -18,7 +18,7 @@ _EXPORTS = {
     "calibrate": "jaxpar.cluster.calibration",
     "parallelize": "jaxpar.api",
     "auto_parallelize": "jaxpar.api",
-    "Parallelized": "jaxpar.emit.step",
+    "Parallelized": "jaxpar.emit.parallelized",
     "TrainState": "jaxpar.emit.state",
     "constrain": "jaxpar.context",
     "layer": "jaxpar.context",

@@ -12,15 +12,16 @@ import optax
 
 from jaxpar.cluster.calibration import calibrate
 from jaxpar.emit.mpmd import parallelize_mpmd
-from jaxpar.emit.pipeline import Pipelined, checked
+from jaxpar.emit.parallelized import Parallelized
+from jaxpar.emit.pipeline import checked
 from jaxpar.emit.spmd import parallelize_spmd
-from jaxpar.emit.step import Parallelized, parallelize_flat
+from jaxpar.emit.step import parallelize_flat
 from jaxpar.plan import Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.pipeline.search import plan_pipeline
-from jaxpar.planners.sharding.search import plan_sharding
+from jaxpar.planners.sharding.search import MAX_MICROBATCHES, plan_sharding
 from jaxpar.tracing.graph import trace_graph
 from jaxpar.tracing.params import LossFn, ModelFn
 from jaxpar.tracing.stages import Stages
@@ -33,12 +34,13 @@ def parallelize(
     plan: Plan,
     batch: Any,
     devices: Sequence[jax.Device] | None = None,
-) -> Parallelized | Pipelined:
+) -> Parallelized:
     """Lay out and jit a training step of `model_fn(rngs)` under `plan`.
 
     `batch` is an example batch (arrays or ShapeDtypeStructs, batch dimension first);
     every check on the plan runs here, before anything compiles. A plan with a `pipeline`
-    needs `loss_fn` to be a `jaxpar.Stages` and returns a `Pipelined`.
+    needs `loss_fn` to be a `jaxpar.Stages`; its state is laid out per the plan's form
+    (see `Parallelized`).
     """
     devices = list(jax.devices() if devices is None else devices)
     if plan.pipeline is None:
@@ -64,16 +66,21 @@ def auto_parallelize(
     cluster: Cluster | None = None,
     memory_budget: float | None = None,
     devices: Sequence[jax.Device] | None = None,
-    max_microbatches: int = 16,
+    max_microbatches: int = MAX_MICROBATCHES,
     pipeline: bool = False,
 ) -> Parallelized:
     """The fastest plan that fits `memory_budget` (default: the devices' memory), laid out
     and jitted like `jaxpar.parallelize`. `cluster` defaults to `calibrate()` of the local
     devices (measured once, then cached); `plan.explain()` shows the runners-up.
+    `max_microbatches` bounds the microbatches of every plan searched: the pieces each
+    data-parallel replica's batch is cut into, run one after another without a pipeline and
+    through the stages with one.
 
     With `pipeline=True` (the loss a `jaxpar.Stages`) pipelines are searched too
     (`planners.pipeline.search.plan_pipeline`) and run in the MPMD form when one is predicted
     faster; either way `plan.explain()` says why pipelining won or lost."""
+    if max_microbatches < 1:
+        raise ValueError(f"max_microbatches={max_microbatches}: allow at least 1")
     devices = list(jax.devices() if devices is None else devices)
     cluster = cluster or calibrate(devices)
     if cluster.num_devices != len(devices):
@@ -83,22 +90,24 @@ def auto_parallelize(
     params_shape = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in graph.params}
     options = Options(optimizer_slots=optimizer_slots(optimizer, params_shape))
     if pipeline:
-        plan = _with_pipelines(graph, cluster, memory_budget, options, loss_fn)
+        plan = _with_pipelines(graph, cluster, memory_budget, options, loss_fn,
+                               max_microbatches)
     else:
         plan = plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
     return parallelize(model_fn, optimizer, loss_fn, plan, batch, devices)
 
 
 def _with_pipelines(graph: ModelGraph, cluster: Cluster, memory_budget: float | None,
-                    options: Options, loss_fn: LossFn) -> Plan:
+                    options: Options, loss_fn: LossFn, max_microbatches: int) -> Plan:
     """The faster of the best pipeline and the best plan without one."""
     if not isinstance(loss_fn, Stages):
         raise PlanError("pipeline=True needs the loss as a jaxpar.Stages (what runs before, in "
                         f"and after the layer stack); got {type(loss_fn).__name__}")
     try:
-        best = plan_pipeline(graph, cluster, memory_budget, options)
+        best = plan_pipeline(graph, cluster, memory_budget, options,
+                             max_microbatches=max_microbatches)
     except PlanError:  # no pipeline fits: the flat search says what would
-        return plan_sharding(graph, cluster, memory_budget, options)
+        return plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
     if best.pipelined:
         return best.to_plan("mpmd")
     lost = Alternative(f"best pipeline: {best.name}", best.step_s, best.memory_bytes,

@@ -11,13 +11,9 @@ import dataclasses
 import functools
 import json
 import math
-import re
 from collections.abc import Sequence
 
-# Ordered logical-axis rules, Flax `logical_axis_rules` form: (logical name, mesh axes).
-Rules = tuple[tuple[str, tuple[str, ...]], ...]
-# One entry per tensor dimension: the mesh axes it is split over (empty = replicated).
-Layout = tuple[tuple[str, ...], ...]
+from jaxpar.rules import Layout, NoRule, Rules, as_rules, resolve, rules_for
 
 # The one rule table shared by the named plans: a mesh axis of size 1 makes a rule a no-op,
 # so dp, fsdp, tp and their mixes differ only in mesh sizes. Activations take `batch` first,
@@ -164,9 +160,9 @@ class Plan:
 
     def __post_init__(self):  # lists in, tuples kept: a Plan is hashable data
         object.__setattr__(self, "mesh", tuple((name, size) for name, size in self.mesh))
-        object.__setattr__(self, "rules", _rules(self.rules))
+        object.__setattr__(self, "rules", as_rules(self.rules))
         object.__setattr__(self, "group_rules", tuple(
-            (pattern, _rules(r)) for pattern, r in self.group_rules))
+            (pattern, as_rules(r)) for pattern, r in self.group_rules))
 
     # ----------------------------------------------------------------- mesh
     @functools.cached_property
@@ -197,15 +193,15 @@ class Plan:
 
     # --------------------------------------------------------------- layout
     def rules_for(self, path: str | None = None) -> Rules:
-        return _rules_for(self.rules, self.group_rules, path)
+        return rules_for(self.rules, self.group_rules, path)
 
     def layout(self, logical_axes: Sequence[str | None], path: str | None = None) -> Layout:
         """Mesh axes of each dimension, resolved as Flax does: rules in order, each logical
         name takes the first rule whose mesh axes this tensor has not used yet. Mesh axes
         of size 1 (and absent ones) drop out."""
         try:
-            return _resolve(self.mesh, self.rules_for(path), tuple(logical_axes))
-        except _NoRule as missing:
+            return resolve(self.mesh, self.rules_for(path), tuple(logical_axes))
+        except NoRule as missing:
             name = missing.args[0]
             where = f" of {path}" if path else ""
             raise PlanError(
@@ -375,44 +371,3 @@ def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
         lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  "
                      f"{a.memory_bytes / 2**30:6.2f}  {a.reason}")
     return lines
-
-
-def _rules(raw) -> Rules:
-    return tuple((name, tuple(axes)) for name, axes in raw)
-
-
-class _NoRule(KeyError):
-    """A logical axis name no rule maps."""
-
-
-# Memoised across plans: planners price the same layouts hundreds of thousands of times,
-# on plans that differ only in fields the layout does not read.
-@functools.lru_cache(maxsize=65536)
-def _rules_for(rules: Rules, group_rules: tuple[tuple[str, Rules], ...],
-               path: str | None) -> Rules:
-    if path is not None:
-        for pattern, group in group_rules:
-            if re.search(pattern, path):
-                return group
-    return rules
-
-
-@functools.lru_cache(maxsize=65536)
-def _resolve(mesh: tuple[tuple[str, int], ...], rules: Rules,
-             logical_axes: tuple[str | None, ...]) -> Layout:
-    known = {name for name, _ in rules}
-    for name in logical_axes:
-        if name is not None and name not in known:
-            raise _NoRule(name)
-    sizes = dict(mesh)
-    resolved: list[tuple[str, ...] | None] = [None] * len(logical_axes)
-    used: set[str] = set()
-    for rule_name, mesh_axes in rules:
-        mesh_axes = tuple(a for a in mesh_axes if sizes.get(a, 1) > 1)
-        for i, name in enumerate(logical_axes):
-            if name != rule_name or resolved[i] is not None:
-                continue
-            if used.isdisjoint(mesh_axes):
-                resolved[i] = mesh_axes
-                used.update(mesh_axes)
-    return tuple(r or () for r in resolved)

@@ -91,7 +91,8 @@ def row_graph(row: dict) -> ModelGraph:
 def paper_step(graph: ModelGraph, cluster: Cluster, row: dict) -> float:
     """The paper's own (t, p, d = gpus / (t p)) priced by the same model: microbatch 1, full
     remat, no ZeRO (as Megatron-LM ran in 2021). Table 1 does not say which runs interleaved,
-    so both 1F1B and interleaved 1F1B with v = 2 are priced and the faster counts."""
+    so 1F1B and interleaved 1F1B with every v Megatron-LM accepts (equal chunks: p v
+    divides the layers; the schedule takes m) are priced and the fastest counts."""
     n, t, p = row["gpus"], row["t"], row["p"]
     d = n // (t * p)
     m = graph.batch_size // d
@@ -104,7 +105,10 @@ def paper_step(graph: ModelGraph, cluster: Cluster, row: dict) -> float:
                             f"{cluster.memory_bytes / 2**30:.1f} GiB")
         return predicted.step_s
     steps = []
-    for schedule, v in (("1f1b", 1), ("interleaved_1f1b", 2)):
+    layers = row["layers"]
+    options = [("1f1b", 1)] + [("interleaved_1f1b", v) for v in range(2, layers // p + 1)
+                               if layers % (p * v) == 0]
+    for schedule, v in options:
         if schedule_allows(schedule, p, m, v):
             steps.append(evaluate_pipeline(graph, cluster, p=p, v=v, m=m, schedule=schedule,
                                            mesh=f"dp{d}+tp{t}", options=MIXED).step_s)

@@ -48,7 +48,7 @@ def parallel_run(par, batches, seed: int = 0):
     for batch in batches:
         state, metrics = par.step(state, par.shard_batch(batch))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.tree.map(np.asarray, state.params)
+    return np.array(losses), jax.tree.map(np.asarray, par.params_of(state))
 
 
 def token_batches(batch: int = 16, length: int = 32, steps: int = 3, vocab: int = 256):

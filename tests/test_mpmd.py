@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import jaxpar
-from jaxpar.emit.pipeline import Pipelined
+from jaxpar.emit.parallelized import Parallelized
 from jaxpar.models import gpt
 from jaxpar.plan import DEFAULT_RULES, Pipeline, PlanError
 from jaxpar.planners.schedules.simulator import peak_stash
@@ -39,7 +39,7 @@ def adamw():
 
 
 @functools.cache
-def pipelined(case: str) -> Pipelined:
+def pipelined(case: str) -> Parallelized:
     """One runtime per case, shared by the tests (its programs compile once)."""
     spec, pipeline, m, options = CASES[case]
     plan = jaxpar.named_plan(spec, 8, microbatches=m, pipeline=pipeline, **options)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpar.emit.step import Parallelized, parallelize_flat
+from jaxpar.emit.parallelized import Parallelized
+from jaxpar.emit.step import parallelize_flat
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import GPTConfig
 from jaxpar.plan import Plan, PlanError

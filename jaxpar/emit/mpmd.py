@@ -46,7 +46,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxpar import context
 from jaxpar.emit.backward import Split, Stash
 from jaxpar.emit.backward import split as backward_split
-from jaxpar.emit.pipeline import Pipelined
+from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
 from jaxpar.emit.state import TrainState, apply_gradients
 from jaxpar.emit.step import split_microbatches
@@ -286,7 +286,7 @@ def _check_chunks(plan: Plan, chunk_layers: Sequence[int]) -> None:
 
 class _Runtime:
     """The stages, the chunks' programs and the shardings of one pipelined plan; its methods
-    are the fields of `Pipelined`. The train state is a tuple of one `TrainState` per chunk,
+    are the fields of `Parallelized`. The train state is a tuple of one `TrainState` per chunk,
     each on its stage."""
 
     def __init__(self, model_fn: ModelFn, optimizer: optax.GradientTransformation,
@@ -311,9 +311,10 @@ class _Runtime:
 
         shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), pieces.params_shape)
                   for c in range(self.num_chunks)]
-        self.state_shardings = [
-            state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])[0]
-            for c in range(self.num_chunks)]
+        shardings = [state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])
+                     for c in range(self.num_chunks)]
+        self.state_shardings = [sharding for sharding, _ in shardings]
+        self.abstract_state = tuple(abstract for _, abstract in shardings)
         self.outer_on_last = self.last_stage.param_shardings(pieces.outer(pieces.params_shape))
         run_shapes = shapes[:-1] + [{**pieces.outer(pieces.params_shape), **shapes[-1]}]
         self.chunks = [_chunk(pieces, c, self.num_chunks, self.m, self.chunk_stage[c],
@@ -406,13 +407,15 @@ class _Runtime:
 
 def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
-                     batch: Any, devices: Sequence[jax.Device]) -> Pipelined:
+                     batch: Any, devices: Sequence[jax.Device]) -> Parallelized:
     """The MPMD form of a checked pipelined plan (see `jaxpar.emit.pipeline`; the caller has
     checked `batch`). The train state is a tuple of one `TrainState` per chunk, each on its
     stage; `step`'s metrics add `peak_stash` and `peak_stash_bytes`: per rank, the most
     (microbatch, chunk) residual sets and bytes it held at once."""
     del batch
     rt = _Runtime(model_fn, optimizer, plan, pieces, chunk_layers, schedule, devices)
-    return Pipelined(plan=plan, mesh=rt.mesh, schedule=schedule, init=rt.init, step=rt.step,
-                     shard_batch=rt.shard_batch, params_of=rt.params_of,
-                     loss_and_grads=rt.loss_and_grads)
+    return Parallelized(plan=plan, mesh=rt.mesh, schedule=schedule,
+                        state_sharding=tuple(rt.state_shardings),
+                        abstract_state=rt.abstract_state, init=rt.init, step=rt.step,
+                        shard_batch=rt.shard_batch, params_of=rt.params_of,
+                        loss_and_grads=rt.loss_and_grads)

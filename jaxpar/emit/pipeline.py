@@ -1,43 +1,22 @@
-"""Pipelined training steps: what the MPMD and SPMD runtimes share.
+"""Pipelined training steps: the checks the MPMD and SPMD runtimes share.
 
-`parallelize` hands a plan with a `pipeline` here (see `jaxpar.emit.parallelize`). Every
-check runs before anything compiles: the loss must be a `Stages`, the stack must cut into
-the plan's chunks, the schedule must accept the microbatch count, and the batch must split
-into microbatches over the data-parallel axes. The runtimes (`jaxpar.emit.mpmd`,
-`jaxpar.emit.spmd`) return a `Pipelined`.
+`jaxpar.parallelize` hands a plan with a `pipeline` here. Every check runs before anything
+compiles: the loss must be a `Stages`, the stack must cut into the plan's chunks, the
+schedule must accept the microbatch count, and the batch must split into microbatches over
+the data-parallel axes. The runtimes (`jaxpar.emit.mpmd`, `jaxpar.emit.spmd`) return a
+`Parallelized`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
 
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.schedules.generators import Schedule, make_schedule
 from jaxpar.tracing.params import ModelFn
 from jaxpar.tracing.stages import Pieces, Stages
-
-
-@dataclasses.dataclass(frozen=True)
-class Pipelined:
-    """A pipelined training step laid out by `plan` on `mesh`, used like `Parallelized`:
-    `state = init(rng)`, `state, metrics = step(state, shard_batch(batch))`.
-    `params_of(state)` gives the parameters in the model's own structure (the runtime may
-    hold them cut into chunks); `loss_and_grads(params, batch)` the mean loss and gradient
-    of a step without the optimizer, in that structure too."""
-
-    plan: Plan
-    mesh: Mesh
-    schedule: Schedule
-    init: Callable[[jax.Array], Any]
-    step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
-    shard_batch: Callable[[Any], Any]
-    params_of: Callable[[Any], dict]
-    loss_and_grads: Callable[[dict, Any], tuple[jax.Array, dict]]
 
 
 def schedule_of(plan: Plan) -> Schedule:

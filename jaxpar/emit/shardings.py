@@ -52,9 +52,11 @@ def state_sharding_of(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransform
         transform_non_params=lambda _: replicated,
     )
     state_sharding = TrainState(replicated, param_shardings, opt_shardings)
-    abstract_state = jax.tree.map(
+    return state_sharding, abstract_state(params_shape, opt_shape, state_sharding)
+
+
+def abstract_state(params_shape: dict, opt_shape: Any, sharding: TrainState) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings."""
+    return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape, opt_shape),
-        state_sharding,
-    )
-    return state_sharding, abstract_state
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape, opt_shape), sharding)

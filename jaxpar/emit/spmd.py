@@ -39,8 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpar import context
 from jaxpar.emit.backward import Split, Stash
 from jaxpar.emit.backward import split as backward_split
-from jaxpar.emit.pipeline import Pipelined
-from jaxpar.emit.shardings import by_path, make_mesh
+from jaxpar.emit.parallelized import Parallelized
+from jaxpar.emit.shardings import abstract_state, by_path, make_mesh
 from jaxpar.emit.state import TrainState, apply_gradients, init_state
 from jaxpar.emit.step import require_layer, split_microbatches
 from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
@@ -281,7 +281,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
 
 def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
-                     batch: Any, devices: Sequence[jax.Device]) -> Pipelined:
+                     batch: Any, devices: Sequence[jax.Device]) -> Parallelized:
     """The plan's pipelined train step as one SPMD program (see the module doc)."""
     _check(plan, chunk_layers)
     p, v = plan.stages, plan.pipeline.virtual
@@ -297,9 +297,9 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sharding = by_path(chunked_shape, plan.params, lambda i, _: NamedSharding(
         mesh, context.partition_spec(layout(i))))
-    opt_sharding = optax.tree_map_params(
-        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, chunked_shape),
-        param_sharding, transform_non_params=lambda _: replicated)
+    opt_shape = jax.eval_shape(optimizer.init, chunked_shape)
+    opt_sharding = optax.tree_map_params(optimizer, lambda _, s: s, opt_shape, param_sharding,
+                                         transform_non_params=lambda _: replicated)
     state_sharding = TrainState(replicated, param_sharding, opt_sharding)
     batch_sharding = jax.tree.map(
         lambda _: NamedSharding(mesh, PartitionSpec(plan.batch_axes or None)), batch)
@@ -325,10 +325,12 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
         loss, grads = run(_chunked(pieces, params, p, v), batch)
         return loss, _unchunked(pieces, grads)
 
-    return Pipelined(
+    return Parallelized(
         plan=plan,
         mesh=mesh,
         schedule=schedule,
+        state_sharding=state_sharding,
+        abstract_state=abstract_state(chunked_shape, opt_shape, state_sharding),
         init=jax.jit(init, out_shardings=state_sharding),
         step=jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, replicated), donate_argnums=0),

@@ -8,7 +8,6 @@ docs/plans.md), accumulates microbatches, and applies the optax update to the do
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,31 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
+from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
 from jaxpar.emit.state import TrainState, apply_gradients, init_state
 from jaxpar.plan import ParamInfo, Plan, PlanError
 from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
-
-
-@dataclasses.dataclass(frozen=True)
-class Parallelized:
-    """A training step laid out by `plan` on `mesh`: `init(rng)` and `step(state, batch)`."""
-
-    plan: Plan
-    mesh: Mesh
-    state_sharding: TrainState
-    batch_sharding: Any
-    abstract_state: TrainState
-    init: Callable[[jax.Array], TrainState]
-    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
-
-    def shard_batch(self, batch: Any) -> Any:
-        """Place a host batch on the mesh in the plan's layout."""
-        return jax.device_put(batch, self.batch_sharding)
-
-    def lower(self, batch: Any) -> jax.stages.Lowered:
-        """The step lowered for `batch`'s shapes, to read its HLO or compile it."""
-        return self.step.lower(self.abstract_state, batch)
 
 
 def require_layer(plan: Plan, active: context.Active) -> None:
@@ -129,13 +108,17 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     state_sharding, abstract_state = state_sharding_of(plan, mesh, optimizer, params_shape)
     batch_sharding = jax.tree.map(
         lambda _: NamedSharding(mesh, PartitionSpec(plan.batch_axes or None)), batch)
-    loss_and_grads = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape)
+    local = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape)
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             with context.active(plan, plan.batch_axes) as active:
-                loss, grads = loss_and_grads(state.params, batch)
+                result = local(params, batch)
         require_layer(plan, active)
+        return result
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, grads = loss_and_grads(state.params, batch)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return apply_gradients(optimizer, state, grads), metrics
 
@@ -144,10 +127,12 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
         plan=plan,
         mesh=mesh,
         state_sharding=state_sharding,
-        batch_sharding=batch_sharding,
         abstract_state=abstract_state,
         init=jax.jit(functools.partial(init_state, model_fn, optimizer),
                      out_shardings=state_sharding),
         step=jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, replicated), donate_argnums=0),
+        shard_batch=lambda batch: jax.device_put(batch, batch_sharding),
+        params_of=lambda state: state.params,
+        loss_and_grads=jax.jit(loss_and_grads),
     )

@@ -38,7 +38,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval (steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.save_every < 1:
+        p.error(f"--save-every {args.save_every}: save at least every step (>= 1)")
+    return args
 
 
 def simulate_cpu_devices(count: int) -> None:
@@ -69,7 +72,6 @@ def train(args: argparse.Namespace) -> dict:
 
     from jaxpar.api import parallelize
     from jaxpar.models import gpt
-    from jaxpar.runtime.checkpoint import Checkpointer
     from jaxpar.runtime.data import ByteCorpus
 
     devices = jax.devices()
@@ -91,11 +93,11 @@ def train(args: argparse.Namespace) -> dict:
     print(par.plan)
 
     # ---- state: resume from the latest checkpoint, or initialise
-    ckpt = Checkpointer(args.checkpoint_dir, args.save_every) if args.checkpoint_dir else None
-    state = ckpt.restore(par) if ckpt else None
+    ckpt = par.checkpointer(args.checkpoint_dir, args.save_every) if args.checkpoint_dir else None
+    state = ckpt.restore() if ckpt else None
     if state is None:
         state = par.init(jax.random.key(args.seed))
-    start = int(state.step)
+    start = par.steps_done(state)
     if start:
         print(f"resumed from step {start} in {args.checkpoint_dir}")
 

@@ -56,7 +56,7 @@ from jaxpar.planners.schedules.generators import (
     make_schedule,
     schedule_allows,
 )
-from jaxpar.planners.sharding.search import describe, divisors, plan_sharding
+from jaxpar.planners.sharding.search import MAX_MICROBATCHES, describe, divisors, plan_sharding
 
 GiB = 2**30
 
@@ -159,12 +159,14 @@ def _variants(mesh: Plan) -> list[Plan]:
 
 
 def _candidates(pricer: Pricer, cluster: Cluster, budget: float, schedules: Sequence[str],
-                virtual: Sequence[int], max_microbatch_size: int
-                ) -> list[tuple[float, Candidate]]:
+                virtual: Sequence[int] | None, max_microbatch_size: int,
+                max_microbatches: int | None) -> list[tuple[float, Candidate]]:
     """Every (p, stage plan, microbatch size b, schedule, v) with an estimate, best first:
-    p divides the devices with whole-node or in-node stages, b a power of two; a schedule
-    takes the first ZeRO / remat variant under which it fits (a slower variant that also
-    fits could only win where memory, not time, shapes the cut)."""
+    p divides the devices with whole-node or in-node stages, b a power of two, at most
+    `max_microbatches` microbatches; interleaving takes every v >= 2 of `virtual` (None:
+    every v the layers allow, p v <= layers); a schedule takes the first ZeRO / remat variant
+    under which it fits (a slower variant that also fits could only win where memory, not
+    time, shapes the cut)."""
     graph, layers = pricer.graph, pricer.parts.layers
     found = []
     for p in divisors(cluster.num_devices):
@@ -178,8 +180,11 @@ def _candidates(pricer: Pricer, cluster: Cluster, budget: float, schedules: Sequ
                 if graph.batch_size % (b * replicas):
                     continue
                 m = graph.batch_size // (b * replicas)
+                if max_microbatches is not None and m > max_microbatches:
+                    continue
+                interleave = range(2, layers // p + 1) if virtual is None else virtual
                 open_ = [(name, v) for name in schedules
-                         for v in (virtual if name == "interleaved_1f1b" else (1,))
+                         for v in (interleave if name == "interleaved_1f1b" else (1,))
                          if (v > 1 or name != "interleaved_1f1b") and p * v <= layers
                          and schedule_allows(name, p, m, v)]
                 for stage in _variants(mesh):
@@ -198,9 +203,9 @@ def _candidates(pricer: Pricer, cluster: Cluster, budget: float, schedules: Sequ
 
 def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | None = None,
                   options: Options | None = None, *, schedules: Sequence[str] = SCHEDULES,
-                  virtual: Sequence[int] = (1, 2, 4), max_microbatch_size: int = 8,
-                  cuts: int = 24, simulated_ops: int = 300_000, alternatives: int = 8
-                  ) -> PipelinePlan:
+                  virtual: Sequence[int] | None = None, max_microbatch_size: int = 8,
+                  max_microbatches: int | None = None, cuts: int = 24,
+                  simulated_ops: int = 300_000, alternatives: int = 8) -> PipelinePlan:
     """The fastest pipeline that fits `memory_budget` per device, with the best plan without
     one (`plan_sharding` on the whole cluster) in `flat` and among the runners-up.
 
@@ -214,7 +219,8 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
     start = time.process_time()
     pricer = Pricer(graph, cluster, options)
     layers = pricer.parts.layers
-    ranked = _candidates(pricer, cluster, budget, schedules, virtual, max_microbatch_size)
+    ranked = _candidates(pricer, cluster, budget, schedules, virtual, max_microbatch_size,
+                         max_microbatches)
     bounded: list[tuple[float, Candidate, tuple[tuple[int, int], ...]]] = []
     for estimate, cfg in ranked[:cuts]:
         if bounded and estimate > 1.25 * min(b for b, _, _ in bounded):
@@ -247,7 +253,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
     simulated.sort(key=lambda s: s.step_s)
     best = simulated[0]
     losers += [(s.name, s.step_s, s.memory_bytes, "simulated") for s in simulated[1:]]
-    flat, flat_line = _flat(graph, cluster, budget, options, best)
+    flat, flat_line = _flat(graph, cluster, budget, options, best, max_microbatches)
     runners = [flat_line] + [
         Alternative(name, step, memory, how if how.startswith("needs") else
                     f"{step / best.step_s - 1:+.1%} step time ({how})")
@@ -276,10 +282,12 @@ def _nothing_fits(pricer: Pricer, cluster: Cluster, budget: float) -> str:
 
 
 def _flat(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,
-          best: PipelinePlan) -> tuple[Plan | None, Alternative]:
+          best: PipelinePlan, max_microbatches: int | None) -> tuple[Plan | None, Alternative]:
     """The best plan without pipelining, and its line among the runners-up."""
     try:
-        flat = plan_sharding(graph, cluster, budget, options, suggest_devices=False)
+        flat = plan_sharding(graph, cluster, budget, options, suggest_devices=False,
+                             max_microbatches=MAX_MICROBATCHES if max_microbatches is None
+                             else max_microbatches)
     except PlanError as err:
         return None, Alternative("no pipeline", math.nan, math.nan, str(err).split(";")[0])
     step = flat.predicted.step_s

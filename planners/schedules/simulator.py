@@ -59,13 +59,14 @@ def _per_chunk(name: str, times: Times, num_chunks: int, positive: bool) -> tupl
 
 
 def _dependency(op: Op, last_chunk: int) -> Op | None:
-    """The op whose output `op` consumes (None for a first-chunk forward)."""
-    if op.kind == "F":
-        return Op("F", op.microbatch, op.chunk - 1) if op.chunk > 0 else None
-    if op.kind == "B":
-        kind = "F" if op.chunk == last_chunk else "B"
-        return Op(kind, op.microbatch, min(op.chunk + 1, last_chunk))
-    return Op("B", op.microbatch, op.chunk)
+    """The op whose output `op` consumes (None for a first-chunk forward). Built as a plain
+    tuple, which equals and hashes as the Op: the simulator asks this for every op."""
+    kind, microbatch, chunk = op
+    if kind == "F":
+        return ("F", microbatch, chunk - 1) if chunk > 0 else None
+    if kind == "B":
+        return ("F", microbatch, chunk) if chunk == last_chunk else ("B", microbatch, chunk + 1)
+    return ("B", microbatch, chunk)
 
 
 def validate(schedule: Schedule) -> None:
@@ -126,7 +127,7 @@ def simulate(schedule: Schedule, f: Times = 1.0, b: Times = 1.0, w: Times = 1.0,
                 if dep is not None and dep not in done:
                     break
                 ready = 0.0 if dep is None else done[dep]
-                if dep is not None and s.rank_of(dep.chunk) != rank:
+                if dep is not None and dep[2] % s.p != rank:
                     ready += p2p
                 start = max(free[rank], ready)
                 end = start + duration[op.kind][op.chunk]
@@ -137,7 +138,8 @@ def simulate(schedule: Schedule, f: Times = 1.0, b: Times = 1.0, w: Times = 1.0,
     stuck = [(rank, rank_ops[position[rank]]) for rank, rank_ops in enumerate(s.ops)
              if position[rank] < len(rank_ops)]
     if stuck:
-        waits = "; ".join(f"rank {rank} waits at {op} for {dep} from rank {s.rank_of(dep.chunk)}"
+        waits = "; ".join(f"rank {rank} waits at {op} for {Op(*dep)} from rank "
+                          f"{s.rank_of(dep[2])}"
                           for rank, op in stuck if (dep := _dependency(op, last_chunk)))
         raise ValueError(f"schedule {s.name!r} deadlocks: {waits}; reorder so that each op "
                          f"comes after the op it consumes")

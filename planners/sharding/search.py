@@ -100,6 +100,9 @@ class _Combo:
     params: float
 
 
+MAX_MICROBATCHES = 16  # gradient accumulation past this rarely pays; a caller may raise it
+
+
 @dataclasses.dataclass(frozen=True)
 class _Solution:
     plan: Plan
@@ -271,7 +274,7 @@ def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options
 
 
 def plan_sharding(graph: ModelGraph, cluster: Cluster, memory_budget: float | None = None,
-                  options: Options | None = None, max_microbatches: int = 16,
+                  options: Options | None = None, max_microbatches: int = MAX_MICROBATCHES,
                   alternatives: int = 8, suggest_devices: bool = True) -> Plan:
     """The plan with the least predicted step time whose predicted per-device memory fits
     `memory_budget` (default: the cluster's device memory). Raises PlanError naming the
