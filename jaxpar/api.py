@@ -11,7 +11,6 @@ import jax
 import optax
 
 from jaxpar.cluster.calibration import calibrate
-from jaxpar.emit.mpmd import parallelize_mpmd
 from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.pipeline import checked
 from jaxpar.emit.spmd import parallelize_spmd
@@ -22,6 +21,7 @@ from jaxpar.planners.cost import Options
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.pipeline.search import plan_pipeline
 from jaxpar.planners.sharding.search import MAX_MICROBATCHES, plan_sharding
+from jaxpar.runtime.driver import parallelize_mpmd
 from jaxpar.tracing.graph import trace_graph
 from jaxpar.tracing.params import LossFn, ModelFn
 from jaxpar.tracing.stages import Stages
@@ -77,8 +77,9 @@ def auto_parallelize(
     through the stages with one.
 
     With `pipeline=True` (the loss a `jaxpar.Stages`) pipelines are searched too
-    (`planners.pipeline.search.plan_pipeline`) and run in the MPMD form when one is predicted
-    faster; either way `plan.explain()` says why pipelining won or lost."""
+    (`planners.pipeline.search.plan_pipeline`, which prices each pipeline in both the MPMD
+    and the SPMD form) and the fastest runs, in its form; either way `plan.explain()` says
+    why pipelining won or lost."""
     if max_microbatches < 1:
         raise ValueError(f"max_microbatches={max_microbatches}: allow at least 1")
     devices = list(jax.devices() if devices is None else devices)
@@ -109,7 +110,7 @@ def _with_pipelines(graph: ModelGraph, cluster: Cluster, memory_budget: float | 
     except PlanError:  # no pipeline fits: the flat search says what would
         return plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
     if best.pipelined:
-        return best.to_plan("mpmd")
+        return best.to_plan()
     lost = Alternative(f"best pipeline: {best.name}", best.step_s, best.memory_bytes,
                        f"{best.step_s / best.flat.predicted.step_s - 1:+.1%} step time "
                        f"(bubble {best.bubble_fraction:.1%})")

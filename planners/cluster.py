@@ -23,7 +23,10 @@ class Cluster:
     {"bandwidth", "latency"} per collective kind inside a node; a kind absent from it uses
     `intra_node_bandwidth` / `intra_node_latency`. `latency_per_device`: the latency each
     participant of a collective adds beyond the first (a rendezvous waits for every one; on
-    devices that share host cores that is measurable, `calibrate()` fits it; datasheets: 0)."""
+    devices that share host cores that is measurable, `calibrate()` fits it; datasheets: 0).
+    `dispatch_latency`: host seconds to launch one jitted program, which the MPMD pipeline
+    pays once per op from one Python thread; no datasheet gives it, so the presets say 0
+    (dispatch not priced) and `calibrate()` measures it."""
 
     name: str
     num_nodes: int
@@ -36,6 +39,7 @@ class Cluster:
     inter_node_latency: float
     memory_bandwidth: float = math.inf
     latency_per_device: float = 0.0
+    dispatch_latency: float = 0.0
     intra_node_collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     source: str = "datasheet"
 
@@ -44,9 +48,9 @@ class Cluster:
                       "memory_bandwidth"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"Cluster.{field} must be positive, got {getattr(self, field)}")
-        if self.latency_per_device < 0:
-            raise ValueError(f"Cluster.latency_per_device must be >= 0, got "
-                             f"{self.latency_per_device}")
+        for field in ("latency_per_device", "dispatch_latency"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"Cluster.{field} must be >= 0, got {getattr(self, field)}")
         unknown = set(self.intra_node_collectives) - set(COLLECTIVE_KINDS)
         if unknown:
             raise ValueError(f"Cluster.intra_node_collectives has unknown kinds {sorted(unknown)}; "

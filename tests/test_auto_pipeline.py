@@ -26,12 +26,19 @@ FAST_NETWORK = dataclasses.replace(SLOW_NETWORK, inter_node_bandwidth=1e10,
                                    inter_node_latency=1e-5)
 
 
-def test_a_pipeline_wins_on_a_slow_network_and_trains_like_one_device():
+# launching a program: free, or so slow that one SPMD program beats an MPMD launch per op
+@pytest.mark.parametrize("dispatch,form", [(0.0, "mpmd"), (0.05, "spmd")])
+def test_a_pipeline_wins_on_a_slow_network_and_trains_like_one_device(dispatch, form):
+    cluster = dataclasses.replace(SLOW_NETWORK, dispatch_latency=dispatch)
     par = jaxpar.auto_parallelize(MODEL, optax.adamw(1e-2), gpt.lm_stages, BATCHES[0],
-                                  cluster=SLOW_NETWORK, pipeline=True)
+                                  cluster=cluster, pipeline=True)
     plan = par.plan
     assert plan.pipeline is not None and plan.stages > 1
     assert plan.pipeline.bubble is not None and sum(plan.pipeline.cut) == 4
+    assert plan.pipeline.form == form
+    (other,) = [a for a in plan.alternatives if a.name.endswith(" form")]
+    assert other.name.endswith({"mpmd": "SPMD", "spmd": "MPMD"}[form] + " form")
+    assert other.step_s > plan.predicted.step_s
     assert "no pipeline" in plan.explain() and "lost" in plan.explain()
     state = par.init(jax.random.key(0))
     losses = []

@@ -35,6 +35,9 @@ def test_calibrated_cluster_describes_8_devices_in_one_node(calibrated):
     # 8 devices share 2 cores: the per-device rate under full load is below the rate alone.
     assert isolated.peak_flops < max(rate for _, rate in record["matmul"]["single"])
     assert record["seconds"] < 600  # about 150 s on 2 cores
+    # launching a jitted program costs the host microseconds, not nothing and not a step
+    assert 1e-7 < cluster.dispatch_latency == isolated.dispatch_latency == record["dispatch"]
+    assert cluster.dispatch_latency < 1e-2
 
 
 def test_links_use_the_fit_over_all_kinds_scaled_to_the_probe_steps(calibrated):

@@ -262,3 +262,26 @@ def test_step_flops_count_recomputation_of_the_stack_only():
     assert model == 3 * graph.flops_fwd
     assert hardware - model == pytest.approx(12 * blocks.flops_fwd)
     assert step_flops(graph, remat=False) == (model, model)
+
+
+def test_both_forms_are_priced_and_the_faster_runs():
+    graph = gpt_graph(1024, 16, 12, batch=32, length=1024, vocab=8192)
+    cluster = a100_80gb(num_nodes=1)
+    plain = evaluate_pipeline(graph, cluster, p=4, m=8, mesh="dp2", options=MIXED)
+    forms = dict((form, step) for form, step, _ in plain.forms)
+    assert set(forms) == {"mpmd", "spmd"} and plain.form == min(forms, key=forms.get)
+    # lock-step ticks never beat the event-driven schedule when launching costs nothing
+    assert plain.form == "mpmd" and forms["spmd"] >= forms["mpmd"]
+    assert "SPMD form" in plain.explain() and "(chosen)" in plain.explain()
+    # one program beats a launch per op once launching is slow enough
+    slow = dataclasses.replace(cluster, dispatch_latency=0.05)
+    launched = evaluate_pipeline(graph, slow, p=4, m=8, mesh="dp2", options=MIXED)
+    assert launched.form == "spmd" and launched.to_plan().pipeline.form == "spmd"
+    mpmd_s = dict((form, step) for form, step, _ in launched.forms)["mpmd"]
+    assert mpmd_s >= 0.05 * 2 * 8 * 4  # every F and B launched from the host
+    # the SPMD runtime needs ZeRO 0 and equal chunks: nothing else is priced in its form
+    zero = evaluate_pipeline(graph, slow, p=4, m=8, mesh="dp2", zero=1, options=MIXED)
+    uneven = evaluate_pipeline(graph, slow, p=8, m=8, mesh="dp1", options=MIXED)
+    for only_mpmd in (zero, uneven):
+        assert [form for form, _, _ in only_mpmd.forms] == ["mpmd"]
+        assert "SPMD form not priced" in only_mpmd.explain()

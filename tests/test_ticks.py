@@ -3,6 +3,7 @@ tensors; lengths and buffer sizes as the schedules imply. Pure Python: no jax.""
 
 import dataclasses
 import itertools
+import random
 
 import pytest
 
@@ -14,7 +15,7 @@ from jaxpar.planners.schedules.generators import (
     zero_bubble_h1,
 )
 from jaxpar.planners.schedules.simulator import simulate
-from jaxpar.planners.schedules.ticks import Cell, check, tick_table
+from jaxpar.planners.schedules.ticks import Cell, check, lockstep_time, tick_table
 
 PS, MS = (2, 4, 8), (1, 2, 4, 8, 16)
 
@@ -91,3 +92,17 @@ def test_check_catches_a_clobbered_slot_a_stray_write_and_a_lost_op():
         check(edited(table, 0, 0, recv_g=0))
     with pytest.raises(ValueError, match="rank 0 runs 7 ops"):
         check(edited(table, 0, 0, op=None))
+
+
+def test_lockstep_time_is_the_slowest_rank_per_tick_never_below_the_event_timing():
+    rng = random.Random(0)
+    for schedule in schedules():
+        chunks = schedule.num_chunks
+        f, b, w = ([rng.uniform(0.5, 2.0) for _ in range(chunks)] for _ in range(3))
+        lockstep = lockstep_time(schedule, f, b, w, shift=0.0)
+        assert lockstep >= simulate(schedule, f, b, w).step_time * (1 - 1e-12), schedule.name
+        # equal op times: every tick lasts one op, plus two shifts
+        table = tick_table(schedule)
+        unit = lockstep_time(schedule, [1.0] * chunks, [1.0] * chunks,
+                             [1.0 if schedule.splits_backward else 0.0] * chunks, shift=0.25)
+        assert unit == pytest.approx(1.5 * table.length)

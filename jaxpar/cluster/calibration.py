@@ -39,7 +39,7 @@ STREAM_BYTES = 64 * 2**20  # per device: far beyond any cache, as a model's para
 _STREAM_PASSES = 4  # read-modify-write passes over the buffer in one program
 _REPEATS = 5  # timed calls per measurement, after one warm-up call
 _LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
-_CACHE_FORMAT = 4  # bump when the cached record changes: older caches are measured again
+_CACHE_FORMAT = 5  # bump when the cached record changes: older caches are measured again
 
 
 def ring_factor(kind: str, group: int) -> float:
@@ -77,7 +77,8 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
     overstate them n-fold); collectives for every group size dividing the device count and
     4 KiB-16 MiB messages, fitted over all kinds to latency + latency per participant +
     bytes / bandwidth (the intra- and inter-node link figures: one machine, the same); the
-    rate at which every device at once streams a 64 MiB buffer through an elementwise update.
+    rate at which every device at once streams a 64 MiB buffer through an elementwise update;
+    the host time to launch one jitted program (what the MPMD pipeline pays per op).
     Memory is the device's `bytes_limit`, else host RAM / devices.
 
     Inside a training step the same work costs otherwise (a profiled tensor-parallel step on
@@ -106,7 +107,8 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
         intra_node_bandwidth=link["bandwidth"], intra_node_latency=link["latency"],
         inter_node_bandwidth=link["bandwidth"], inter_node_latency=link["latency"],
         memory_bandwidth=record["memory"]["all_devices"],
-        latency_per_device=link["latency_per_device"], source="measured")
+        latency_per_device=link["latency_per_device"], dispatch_latency=record["dispatch"],
+        source="measured")
     record["step_fit"] = fit_steps(record["steps"], isolated)
     cluster = dataclasses.replace(scaled(isolated, record["step_fit"]["scales"]),
                                   source="calibrated")
@@ -174,6 +176,7 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
         full.append([size, flops / _median_seconds(matmul, b, b)])
         bar.update()
     memory = {"bytes": STREAM_BYTES, "all_devices": _stream_rate(everywhere, n)}
+    dispatch = _dispatch_seconds(devices[0])
     bar.update()
     collectives = []
     for group in groups:
@@ -193,7 +196,8 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
     key = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
            "device_count": n, "jax_version": jax.__version__}
     return {"key": key, "matmul": {"single": single, "all_devices": full}, "memory": memory,
-            "collectives": collectives, "steps": steps, "seconds": time.perf_counter() - start}
+            "dispatch": dispatch, "collectives": collectives, "steps": steps,
+            "seconds": time.perf_counter() - start}
 
 
 def _stream_rate(everywhere: NamedSharding, n: int) -> float:
@@ -223,6 +227,21 @@ def _collective_program(kind: str, group: int, mesh: Mesh, repeats: int) -> Call
     body = jax.shard_map(lambda v: lax.fori_loop(0, repeats, lambda _, v: step(v), v),
                          mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
     return jax.jit(body)
+
+
+def _dispatch_seconds(device: jax.Device, calls: int = 200) -> float:
+    """Host seconds per launch of a jitted program that does next to nothing: the median
+    over repeats of `calls` chained launches, each returning before its result is ready."""
+    step = jax.jit(lambda x: x + 1)
+    x = jax.block_until_ready(step(jax.device_put(jnp.zeros((8,), jnp.float32), device)))
+    times = []
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        for _ in range(calls):
+            x = step(x)
+        times.append((time.perf_counter() - start) / calls)
+        jax.block_until_ready(x)
+    return float(np.median(times))
 
 
 def _median_seconds(fn: Callable, *args: jax.Array) -> float:

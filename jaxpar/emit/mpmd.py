@@ -30,42 +30,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
 from jaxpar.emit.backward import Split, Stash
 from jaxpar.emit.backward import split as backward_split
-from jaxpar.emit.parallelized import Parallelized
-from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
-from jaxpar.emit.state import TrainState, apply_gradients
-from jaxpar.emit.step import split_microbatches
+from jaxpar.emit.shardings import by_path
 from jaxpar.plan import Plan, PlanError
-from jaxpar.planners.schedules.generators import Op, Schedule
-from jaxpar.tracing.params import ModelFn
 from jaxpar.tracing.stages import Pieces
 
 
-def _add(a: Any, b: Any) -> Any:
+def add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _nbytes(tree: Any) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
 @dataclasses.dataclass(frozen=True)
-class _Stage:
+class StageMesh:
     """One pipeline stage: its submesh and the plan inside it."""
 
     mesh: Mesh
@@ -93,7 +79,7 @@ class _Stage:
 
 
 @dataclasses.dataclass
-class _Residuals:
+class Residuals:
     """How B rebuilds F's pullback (`stash`, over F's inputs (params, batch, x): the chunk
     input x is stashed only when a residual is x itself), recorded while F traces; B and W
     trace after F, for the same shapes."""
@@ -114,10 +100,10 @@ class _Residuals:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Chunk:
+class ChunkPrograms:
     """The jitted programs of one chunk on its stage (see the module docstring)."""
 
-    residuals: _Residuals
+    residuals: Residuals
     forward: Callable  # (params, batch, x) -> (y, kept)
     backward: Callable  # (params, batch, x, kept, dy, acc) -> (dx, acc)
     input_grad: Callable  # (params, batch, x, kept, dy) -> (dx, handoff): B of a split
@@ -126,11 +112,11 @@ class _Chunk:
     uses_batch: bool
 
 
-def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
-           param_shapes: dict) -> _Chunk:
+def chunk_programs(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: StageMesh,
+           param_shapes: dict) -> ChunkPrograms:
     """Programs of `chunk`, called with parameters of `param_shapes`."""
     first, last = chunk == 0, chunk == num_chunks - 1
-    residuals = _Residuals()
+    residuals = Residuals()
 
     def run(params: dict, x: Any, batch: Any) -> Any:
         if first:
@@ -153,7 +139,7 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
         with stage.tracing():
             d_params, dx = residuals.stash.apply(
                 *residuals.stash.leaves(kept, (params, batch, x)), output_grad(dy))
-        return dx, _add(acc, d_params)
+        return dx, add(acc, d_params)
 
     def split_args(params, batch, x, kept, dy):
         args = [*residuals.stash.leaves(kept, (params, batch, x)), output_grad(dy)]
@@ -173,12 +159,12 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
         args = split_args(params, batch, x, kept, dy)
         with stage.tracing():
             d_params = residuals.halves.w(*args, *handoff)
-        return _add(acc, jax.tree.unflatten(jax.tree.structure(params), d_params))
+        return add(acc, jax.tree.unflatten(jax.tree.structure(params), d_params))
 
     param_shardings = stage.param_shardings(param_shapes)
     dx_sharding = None if first else stage.activations
     out_sharding = stage.sharding() if last else stage.activations
-    return _Chunk(
+    return ChunkPrograms(
         residuals=residuals,
         forward=jax.jit(forward, out_shardings=(out_sharding, None)),
         backward=jax.jit(backward, out_shardings=(dx_sharding, param_shardings),
@@ -191,86 +177,7 @@ def _chunk(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: _Stage,
     )
 
 
-class _Stash:
-    """What each F left for its backward, by (microbatch, chunk); per rank the most sets and
-    bytes (global, over the stage's devices) held at once."""
-
-    def __init__(self, p: int):
-        self.entries: dict[tuple[int, int], tuple[Any, list]] = {}
-        self.sets, self.bytes = np.zeros(p, np.int64), np.zeros(p, np.int64)
-        self.peak_sets, self.peak_bytes = np.zeros(p, np.int64), np.zeros(p, np.int64)
-
-    def put(self, key: tuple[int, int], rank: int, entry: tuple[Any, list]) -> None:
-        self.entries[key] = entry
-        self.sets[rank] += 1
-        self.bytes[rank] += _nbytes(entry)
-        self.peak_sets[rank] = max(self.peak_sets[rank], self.sets[rank])
-        self.peak_bytes[rank] = max(self.peak_bytes[rank], self.bytes[rank])
-
-    def drop(self, key: tuple[int, int], rank: int) -> None:
-        self.sets[rank] -= 1
-        self.bytes[rank] -= _nbytes(self.entries.pop(key))
-
-
-def _walk(schedule: Schedule, chunks: Sequence[_Chunk], stages: Sequence[_Stage],
-          params: Sequence[dict], batches: dict[int, list]) -> tuple[Any, list, _Stash]:
-    """Run every rank's ops in its order, each as soon as its input is there, one op per
-    rank per sweep so that consecutive dispatches go to different stages. Returns the mean
-    loss, each chunk's summed gradient and the stash's record."""
-    last = schedule.num_chunks - 1
-    inbox: dict[Op, Any] = {}  # an op's input: activation (F), output cotangent (B)
-    stash = _Stash(schedule.p)
-    accs = [chunk.zeros() for chunk in chunks]
-    losses = []
-
-    def run(op: Op) -> None:
-        c, mb, rank = op.chunk, op.microbatch, schedule.rank_of(op.chunk)
-        chunk = chunks[c]
-        batch = batches[rank][mb] if chunk.uses_batch else None
-        if op.kind == "F":
-            x = inbox.pop(op, None)
-            y, kept = chunk.forward(params[c], batch, x)
-            stash.put((mb, c), rank, (x if chunk.residuals.needs_input else None, kept))
-            if c == last:
-                losses.append(y)
-                inbox[Op("B", mb, c)] = None
-            else:
-                inbox[Op("F", mb, c + 1)] = jax.device_put(y, stages[c + 1].activations)
-            return
-        if op.kind == "W":
-            inbox.pop(op)
-            x, kept, dy, handoff = stash.entries[mb, c]
-            accs[c] = chunk.weight_grad(params[c], batch, x, kept, dy, handoff, accs[c])
-            stash.drop((mb, c), rank)
-            return
-        x, kept = stash.entries[mb, c]
-        dy = inbox.pop(op)
-        if schedule.splits_backward:
-            dx, handoff = chunk.input_grad(params[c], batch, x, kept, dy)
-            stash.drop((mb, c), rank)
-            stash.put((mb, c), rank, (x, kept, dy, handoff))
-            inbox[Op("W", mb, c)] = None
-        else:
-            dx, accs[c] = chunk.backward(params[c], batch, x, kept, dy, accs[c])
-            stash.drop((mb, c), rank)
-        if c > 0:
-            inbox[Op("B", mb, c - 1)] = jax.device_put(dx, stages[c - 1].activations)
-
-    def ready(op: Op) -> bool:
-        return op in inbox or (op.kind == "F" and op.chunk == 0)
-
-    queues = [deque(ops) for ops in schedule.ops]
-    while any(queues):
-        runnable = [q for q in queues if q and ready(q[0])]
-        if not runnable:
-            waiting = ", ".join(str(q[0]) for q in queues if q)
-            raise RuntimeError(f"schedule {schedule.name} deadlocks: every rank waits ({waiting})")
-        for queue in runnable:
-            run(queue.popleft())
-    return jnp.mean(jnp.stack(losses)), accs, stash
-
-
-def _check_chunks(plan: Plan, chunk_layers: Sequence[int]) -> None:
+def check_chunks(plan: Plan, chunk_layers: Sequence[int]) -> None:
     """A stack split over a mesh axis inside the stage must split every chunk evenly."""
     for info in plan.params:
         if "layers" not in info.logical_axes:
@@ -282,140 +189,3 @@ def _check_chunks(plan: Plan, chunk_layers: Sequence[int]) -> None:
                             f"(size {size}) inside each stage, which does not divide the "
                             f"chunks of {list(chunk_layers)} layers; map `layers` to () or "
                             f"cut chunks of multiples of {size} layers")
-
-
-class _Runtime:
-    """The stages, the chunks' programs and the shardings of one pipelined plan; its methods
-    are the fields of `Parallelized`. The train state is a tuple of one `TrainState` per chunk,
-    each on its stage."""
-
-    def __init__(self, model_fn: ModelFn, optimizer: optax.GradientTransformation,
-                 plan: Plan, pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
-                 devices: Sequence[jax.Device]):
-        self.model_fn, self.optimizer = model_fn, optimizer
-        self.pieces, self.schedule = pieces, schedule
-        self.mesh = make_mesh(plan, devices)
-        inner = dataclasses.replace(plan, mesh=plan.mesh[1:], microbatches=1, pipeline=None)
-        _check_chunks(inner, chunk_layers)
-        names = tuple(name for name, _ in inner.mesh)
-        self.stages = [_Stage(Mesh(self.mesh.devices[r], names,
-                                   axis_types=(AxisType.Auto,) * len(names)), inner)
-                       for r in range(plan.stages)]
-        self.m, self.stack = plan.microbatches, pieces.stages.stack
-        self.num_chunks = len(chunk_layers)
-        self.last_rank = schedule.rank_of(self.num_chunks - 1)
-        self.last_stage = self.stages[self.last_rank]
-        self.chunk_stage = [self.stages[schedule.rank_of(c)] for c in range(self.num_chunks)]
-        self.ranks = [tuple(range(r, self.num_chunks, plan.stages)) for r in range(plan.stages)]
-        self.bounds = [int(b) for b in np.cumsum([0, *chunk_layers])]
-
-        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), pieces.params_shape)
-                  for c in range(self.num_chunks)]
-        shardings = [state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])
-                     for c in range(self.num_chunks)]
-        self.state_shardings = [sharding for sharding, _ in shardings]
-        self.abstract_state = tuple(abstract for _, abstract in shardings)
-        self.outer_on_last = self.last_stage.param_shardings(pieces.outer(pieces.params_shape))
-        run_shapes = shapes[:-1] + [{**pieces.outer(pieces.params_shape), **shapes[-1]}]
-        self.chunks = [_chunk(pieces, c, self.num_chunks, self.m, self.chunk_stage[c],
-                              run_shapes[c]) for c in range(self.num_chunks)]
-        self.inits = [jax.jit(functools.partial(self._init_rank, rank=r), out_shardings=tuple(
-            self.state_shardings[c] for c in chunks)) for r, chunks in enumerate(self.ranks)]
-        self.updates = [jax.jit(self._update, donate_argnums=0, out_shardings=(
-            tuple(self.state_shardings[c] for c in chunks), stage.sharding()))
-            for stage, chunks in zip(self.stages, self.ranks)]
-        self.add = jax.jit(_add)
-
-    def chunk_params(self, params: dict, c: int) -> dict:
-        """Chunk c's own parameters: its layers, and for chunk 0 everything outside them."""
-        stacked = self.pieces.stacked(params)
-        layers = {self.stack: self.pieces.layers(stacked, self.bounds[c], self.bounds[c + 1])}
-        return {**self.pieces.outer(params), **layers} if c == 0 else layers
-
-    def join(self, chunk_dicts: Sequence[dict]) -> dict:
-        """A model-structured dict on the host from per-chunk dicts."""
-        layers = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
-                              *[d[self.stack] for d in chunk_dicts])
-        outer = jax.tree.map(np.asarray, self.pieces.outer(chunk_dicts[0]))
-        return {**outer, self.stack: layers}
-
-    def shard_batch(self, batch: Any) -> dict[int, list]:
-        """The microbatches, on the stages that read the batch (the first and the last)."""
-        split = split_microbatches(batch, self.m)
-        micro = [jax.tree.map(lambda x, j=j: x[j], split) for j in range(self.m)]
-        return {r: jax.device_put(micro, self.stages[r].activations)
-                for r in {0, self.last_rank}}
-
-    def run(self, params: Sequence[dict], batches: dict[int, list]) -> tuple[Any, list, _Stash]:
-        """Loss, per-chunk gradients (chunk 0's hold all the outer ones) and the stash."""
-        outer = self.pieces.outer
-        params = list(params)
-        if self.num_chunks > 1:
-            params[-1] = {**jax.device_put(outer(params[0]), self.outer_on_last), **params[-1]}
-        loss, grads, stash = _walk(self.schedule, self.chunks, self.chunk_stage, params, batches)
-        if self.num_chunks > 1:
-            back = jax.device_put(outer(grads[-1]), outer(self.state_shardings[0].params))
-            grads[0] = {**self.add(outer(grads[0]), back), self.stack: grads[0][self.stack]}
-            grads[-1] = {self.stack: grads[-1][self.stack]}
-        return loss, grads, stash
-
-    def _init_rank(self, rng: jax.Array, rank: int) -> tuple[TrainState, ...]:
-        """Build the whole model and keep this rank's chunks (XLA drops the rest)."""
-        with nnx.use_eager_sharding(False):
-            params = nnx.state(self.model_fn(nnx.Rngs(rng)), nnx.Param).to_pure_dict()
-        states = []
-        for c in self.ranks[rank]:
-            own = self.chunk_params(params, c)
-            states.append(TrainState(jnp.zeros((), jnp.int32), own, self.optimizer.init(own)))
-        return tuple(states)
-
-    def init(self, rng: jax.Array) -> tuple[TrainState, ...]:
-        states = [None] * self.num_chunks
-        for init, stage, chunks in zip(self.inits, self.stages, self.ranks):
-            for c, state in zip(chunks, init(jax.device_put(rng, stage.sharding()))):
-                states[c] = state
-        return tuple(states)
-
-    def _update(self, states: tuple[TrainState, ...], grads: tuple[dict, ...]):
-        """Apply the optimizer to a rank's chunks; also the squared norm of their gradient."""
-        new = []
-        for state, g in zip(states, grads):
-            new.append(apply_gradients(self.optimizer, state, g))
-        return tuple(new), sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads))
-
-    def step(self, state: tuple[TrainState, ...], batches: dict[int, list]):
-        loss, grads, stash = self.run([s.params for s in state], batches)
-        new, norms = [None] * self.num_chunks, []
-        for update, chunks in zip(self.updates, self.ranks):
-            states, norm = update(tuple(state[c] for c in chunks), tuple(grads[c] for c in chunks))
-            for c, s in zip(chunks, states):
-                new[c] = s
-            norms.append(jax.device_put(norm, self.last_stage.sharding()))
-        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(norms)),
-                   "peak_stash": stash.peak_sets, "peak_stash_bytes": stash.peak_bytes}
-        return tuple(new), metrics
-
-    def params_of(self, state: tuple[TrainState, ...]) -> dict:
-        return self.join([s.params for s in state])
-
-    def loss_and_grads(self, params: dict, batch: Any) -> tuple[jax.Array, dict]:
-        placed = [jax.device_put(self.chunk_params(params, c), shardings.params)
-                  for c, shardings in enumerate(self.state_shardings)]
-        loss, grads, _ = self.run(placed, self.shard_batch(batch))
-        return loss, self.join(grads)
-
-
-def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
-                     pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
-                     batch: Any, devices: Sequence[jax.Device]) -> Parallelized:
-    """The MPMD form of a checked pipelined plan (see `jaxpar.emit.pipeline`; the caller has
-    checked `batch`). The train state is a tuple of one `TrainState` per chunk, each on its
-    stage; `step`'s metrics add `peak_stash` and `peak_stash_bytes`: per rank, the most
-    (microbatch, chunk) residual sets and bytes it held at once."""
-    del batch
-    rt = _Runtime(model_fn, optimizer, plan, pieces, chunk_layers, schedule, devices)
-    return Parallelized(plan=plan, mesh=rt.mesh, schedule=schedule,
-                        state_sharding=tuple(rt.state_shardings),
-                        abstract_state=rt.abstract_state, init=rt.init, step=rt.step,
-                        shard_batch=rt.shard_batch, params_of=rt.params_of,
-                        loss_and_grads=rt.loss_and_grads)

@@ -3,7 +3,7 @@
 `jaxpar.parallelize` hands a plan with a `pipeline` here. Every check runs before anything
 compiles: the loss must be a `Stages`, the stack must cut into the plan's chunks, the
 schedule must accept the microbatch count, and the batch must split into microbatches over
-the data-parallel axes. The runtimes (`jaxpar.emit.mpmd`, `jaxpar.emit.spmd`) return a
+the data-parallel axes. The runtimes (`jaxpar.runtime.driver`, `jaxpar.emit.spmd`) return a
 `Parallelized`.
 """
 

@@ -101,7 +101,7 @@ def evaluate_pipeline(graph: ModelGraph, cluster: Cluster, *, p: int, v: int = 1
     bounds = cut_stack(model, cfg, layers, budget)
     if bounds is None:
         raise PlanError(_no_fit(model, cfg, layers, budget))
-    plan = finish(pricer, cfg, model, bounds)
+    plan = finish(pricer, cfg, model, bounds, budget)
     if plan.memory_bytes > budget:
         raise PlanError(f"{plan.name}: the cut needs {plan.memory_bytes / GiB:.2f} GiB on its "
                         f"largest rank; the budget is {budget / GiB:.2f} GiB; use remat, more "
@@ -241,7 +241,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
             losers.append((cfg.name, bound, math.nan, "lower bound"))
             continue
         plan = finish(pricer, cfg, pricer.model(cfg.p, cfg.stage_plan, cfg.microbatch_size),
-                       cut)
+                      cut, budget)
         ops += (3 if cfg.schedule == "zero_bubble_h1" else 2) * cfg.p * cfg.v * cfg.m
         if plan.memory_bytes > budget:
             losers.append((cfg.name, plan.step_s, plan.memory_bytes, f"needs "

@@ -202,9 +202,10 @@ def check_schedule(name: str, v: int) -> None:
                          f"interleaved_1f1b (v >= 1)")
 
 
-
+@functools.lru_cache(maxsize=32)
 def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
-    """The named schedule's op lists; the generators raise ValueError on an m they refuse."""
+    """The named schedule's op lists; the generators raise ValueError on an m they refuse.
+    Memoised: a schedule is immutable, and the planner prices each one in several ways."""
     check_schedule(name, v)
     if name == "gpipe":
         return gpipe(p, m)

@@ -9,9 +9,10 @@ are per chunk; a schedule without W ops runs B + W as its backward.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from jaxpar.planners.schedules.generators import Op, Schedule
 
@@ -21,9 +22,9 @@ if TYPE_CHECKING:
 Times = float | Sequence[float]
 
 
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """One op as it ran: on its rank from `start` to `end`."""
+class Slot(NamedTuple):
+    """One op as it ran: on its rank from `start` to `end` (a named tuple: a simulation makes
+    one per op)."""
 
     op: Op
     start: float
@@ -95,6 +96,10 @@ def validate(schedule: Schedule) -> None:
                          f" ({len(repeated)} repeated, {len(missing)} missing)")
 
 
+# Schedules already validated: the planner simulates one schedule under several timings.
+_VALID: weakref.WeakSet[Schedule] = weakref.WeakSet()
+
+
 def simulate(schedule: Schedule, f: Times = 1.0, b: Times = 1.0, w: Times = 1.0,
              p2p: float = 0.0) -> SimResult:
     """Run `schedule` on per-chunk F / B / W times (scalars or one per chunk) and a p2p time.
@@ -103,7 +108,9 @@ def simulate(schedule: Schedule, f: Times = 1.0, b: Times = 1.0, w: Times = 1.0,
     F until its B (until its W when the schedule splits backward). Raises ValueError if the
     schedule is invalid (see `validate`) or deadlocks, naming each stuck rank's op and input.
     """
-    validate(schedule)
+    if schedule not in _VALID:
+        validate(schedule)
+        _VALID.add(schedule)
     s = schedule
     f_t, b_t, w_t = (_per_chunk(name, times, s.num_chunks, positive=name != "w")
                      for name, times in (("f", f), ("b", b), ("w", w)))
@@ -121,20 +128,23 @@ def simulate(schedule: Schedule, f: Times = 1.0, b: Times = 1.0, w: Times = 1.0,
     while progressed:
         progressed = False
         for rank, rank_ops in enumerate(s.ops):
-            while position[rank] < len(rank_ops):
-                op = rank_ops[position[rank]]
+            i, end, mine = position[rank], free[rank], slots[rank]
+            while i < len(rank_ops):
+                op = rank_ops[i]
                 dep = _dependency(op, last_chunk)
-                if dep is not None and dep not in done:
+                if dep is None:
+                    ready = 0.0
+                elif dep in done:
+                    ready = done[dep] + (p2p if dep[2] % s.p != rank else 0.0)
+                else:
                     break
-                ready = 0.0 if dep is None else done[dep]
-                if dep is not None and dep[2] % s.p != rank:
-                    ready += p2p
-                start = max(free[rank], ready)
+                start = end if end > ready else ready
                 end = start + duration[op.kind][op.chunk]
-                slots[rank].append(Slot(op, start, end))
-                done[op] = free[rank] = end
-                position[rank] += 1
-                progressed = True
+                mine.append(Slot(op, start, end))
+                done[op] = end
+                i += 1
+            progressed |= i > position[rank]
+            position[rank], free[rank] = i, end
     stuck = [(rank, rank_ops[position[rank]]) for rank, rank_ops in enumerate(s.ops)
              if position[rank] < len(rank_ops)]
     if stuck:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections import defaultdict
+from collections.abc import Sequence
 
 from jaxpar.planners.schedules.generators import Op, Schedule
 from jaxpar.planners.schedules.simulator import simulate
@@ -120,11 +121,30 @@ def _colour(lifetimes: dict[Key, tuple[int, int]]) -> tuple[dict[Key, int], int]
     return slot, used
 
 
+def ticks_of(schedule: Schedule) -> dict[Op, int]:
+    """The tick each op runs in, in lock-step: `simulate` with unit op times."""
+    timed = simulate(schedule, f=1.0, b=1.0, w=1.0 if schedule.splits_backward else 0.0)
+    return {slot.op: int(slot.start) for rank_slots in timed.timeline for slot in rank_slots}
+
+
+def lockstep_time(schedule: Schedule, f: Sequence[float], b: Sequence[float],
+                  w: Sequence[float], shift: float) -> float:
+    """Seconds of the SPMD program on per-chunk op times: every tick lasts as long as its
+    slowest rank's op, then both cyclic shifts run (`shift` seconds each, every tick). A
+    schedule without W ops runs B + W as its backward."""
+    split = schedule.splits_backward
+    ticks = ticks_of(schedule)
+    longest = [0.0] * (max(ticks.values()) + 1)
+    for op, t in ticks.items():
+        c = op.chunk
+        seconds = {"F": f[c], "B": b[c] if split else b[c] + w[c], "W": w[c]}[op.kind]
+        longest[t] = max(longest[t], seconds)
+    return sum(longest) + 2 * shift * len(longest)
+
+
 def tick_table(schedule: Schedule) -> TickTable:
     """Run `schedule` in lock-step ticks and assign its buffer slots (see the module doc)."""
-    split = schedule.splits_backward
-    timed = simulate(schedule, f=1.0, b=1.0, w=1.0 if split else 0.0)
-    tick = {slot.op: int(slot.start) for rank_slots in timed.timeline for slot in rank_slots}
+    tick = ticks_of(schedule)
     length = max(tick.values()) + 1
 
     start: dict[Key, int] = {}
