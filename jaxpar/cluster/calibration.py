@@ -68,7 +68,7 @@ def fit_alpha_beta(points: Sequence[dict]) -> dict[str, float]:
 def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path | None = None,
               refresh: bool = False, verbose: bool = True) -> Cluster:
     """A Cluster for `devices` (default: this process's devices, one node) with measured
-    figures, read from the cache unless absent or `refresh`; measuring takes about 2.5
+    figures, read from the cache unless absent or `refresh`; measuring takes about 5
     minutes on 8 CPU devices, with a progress bar unless not `verbose`.
 
     Measured alone: the per-device fp32 matmul rate while *all* devices run a matmul at once
