@@ -3,7 +3,6 @@ names; `auto_parallelize` traces the model, searches the plan and emits it, in o
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,10 +14,9 @@ from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.pipeline import checked
 from jaxpar.emit.spmd import parallelize_spmd
 from jaxpar.emit.step import parallelize_flat
-from jaxpar.plan import Alternative, Plan, PlanError
+from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
-from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.pipeline.search import plan_pipeline
 from jaxpar.planners.sharding.search import MAX_MICROBATCHES, plan_sharding
 from jaxpar.runtime.driver import parallelize_mpmd
@@ -82,6 +80,9 @@ def auto_parallelize(
     why pipelining won or lost."""
     if max_microbatches < 1:
         raise ValueError(f"max_microbatches={max_microbatches}: allow at least 1")
+    if pipeline and not isinstance(loss_fn, Stages):
+        raise PlanError("pipeline=True needs the loss as a jaxpar.Stages (what runs before, in "
+                        f"and after the layer stack); got {type(loss_fn).__name__}")
     devices = list(jax.devices() if devices is None else devices)
     cluster = cluster or calibrate(devices)
     if cluster.num_devices != len(devices):
@@ -91,27 +92,8 @@ def auto_parallelize(
     params_shape = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in graph.params}
     options = Options(optimizer_slots=optimizer_slots(optimizer, params_shape))
     if pipeline:
-        plan = _with_pipelines(graph, cluster, memory_budget, options, loss_fn,
-                               max_microbatches)
+        plan = plan_pipeline(graph, cluster, memory_budget, options,
+                             max_microbatches=max_microbatches)
     else:
         plan = plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
     return parallelize(model_fn, optimizer, loss_fn, plan, batch, devices)
-
-
-def _with_pipelines(graph: ModelGraph, cluster: Cluster, memory_budget: float | None,
-                    options: Options, loss_fn: LossFn, max_microbatches: int) -> Plan:
-    """The faster of the best pipeline and the best plan without one."""
-    if not isinstance(loss_fn, Stages):
-        raise PlanError("pipeline=True needs the loss as a jaxpar.Stages (what runs before, in "
-                        f"and after the layer stack); got {type(loss_fn).__name__}")
-    try:
-        best = plan_pipeline(graph, cluster, memory_budget, options,
-                             max_microbatches=max_microbatches)
-    except PlanError:  # no pipeline fits: the flat search says what would
-        return plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
-    if best.pipelined:
-        return best.to_plan()
-    lost = Alternative(f"best pipeline: {best.name}", best.step_s, best.memory_bytes,
-                       f"{best.step_s / best.flat.predicted.step_s - 1:+.1%} step time "
-                       f"(bubble {best.bubble_fraction:.1%})")
-    return dataclasses.replace(best.flat, alternatives=(lost,) + best.flat.alternatives)

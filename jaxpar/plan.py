@@ -65,6 +65,10 @@ class Predicted:
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
     source: str = ""
     gap: float | None = None  # relative MIP gap of the search that chose the plan; 0: optimal
+    # pipelined plans: the step in each form priced, and each stage's per-device bytes
+    # (memory_bytes is the largest stage's; compute_s the pipeline, communication_s the sync)
+    forms: dict[str, float] = dataclasses.field(default_factory=dict)
+    stage_bytes: tuple[float, ...] = ()
 
     @property
     def step_s(self) -> float:
@@ -291,7 +295,8 @@ class Plan:
             for p in d["params"]
         )
         if d["predicted"] is not None:
-            d["predicted"] = Predicted(**d["predicted"])
+            d["predicted"] = Predicted(**{**d["predicted"], "stage_bytes": tuple(
+                d["predicted"].get("stage_bytes", ()))})
         d["alternatives"] = tuple(Alternative(**a) for a in d.get("alternatives", ()))
         if d.get("pipeline") is not None:
             d["pipeline"] = Pipeline(**{**d["pipeline"], "cut": tuple(d["pipeline"]["cut"])})
@@ -348,15 +353,32 @@ class Plan:
         return self.summary()
 
     def explain(self) -> str:
-        """Why this plan: its prediction, then the runners-up and why each lost."""
+        """Why this plan: its prediction (for a pipeline: its form, bubble and stages), then
+        the runners-up and why each lost."""
         if self.predicted is None:
             return f"Plan {self.name or '(unnamed)'} was given by hand: nothing was searched."
-        pr = self.predicted
+        pr, pp = self.predicted, self.pipeline
+        unit = "s" if pr.step_s >= 1 else "ms"
+        scale = {"ms": 1e3, "s": 1.0}[unit]
         gap = ("not proven optimal: pruned search" if pr.gap is None else
                "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
-        lines = [f"Plan {self.name}: predicted step {pr.step_s * 1e3:.2f} ms, "
-                 f"{pr.total_bytes / 2**30:.2f} GiB per device ({gap})"]
-        return "\n".join(lines + runners_up(self.alternatives, "ms"))
+        where = " on its largest stage" if pp is not None else ""
+        lines = [f"Plan {self.name}: predicted step {pr.step_s * scale:.4g} {unit}, "
+                 f"{pr.total_bytes / 2**30:.2f} GiB per device{where} ({gap})"]
+        if pp is not None:
+            bubble = "" if pp.bubble is None else f", bubble {pp.bubble:.1%}"
+            lines.append(f"  pipeline {pr.compute_s * scale:.4g} {unit} in the "
+                         f"{pp.form.upper()} form{bubble}; gradient sync "
+                         f"{pr.communication_s * scale:.4g} {unit}")
+            for form, step in pr.forms.items():
+                lines.append(f"  {form.upper()} form: {step * scale:.4g} {unit}"
+                             + (" (chosen)" if form == pp.form else ""))
+            if list(pr.forms) == ["mpmd"]:
+                lines.append("  SPMD form not priced: it needs equal chunks and ZeRO 0")
+            if pr.stage_bytes:
+                lines.append("  GiB per device by stage: "
+                             + ", ".join(f"{b / 2**30:.2f}" for b in pr.stage_bytes))
+        return "\n".join(lines + runners_up(self.alternatives, unit))
 
 
 def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:

@@ -111,5 +111,6 @@ def paper_step(graph: ModelGraph, cluster: Cluster, row: dict) -> float:
     for schedule, v in options:
         if schedule_allows(schedule, p, m, v):
             steps.append(evaluate_pipeline(graph, cluster, p=p, v=v, m=m, schedule=schedule,
-                                           mesh=f"dp{d}+tp{t}", options=MIXED).step_s)
+                                           mesh=f"dp{d}+tp{t}",
+                                           options=MIXED).predicted.step_s)
     return min(steps)

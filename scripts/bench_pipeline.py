@@ -176,12 +176,9 @@ def megatron(settings: Settings) -> list[dict]:
         graph = row_graph(row)
         cluster = a100_80gb(row["gpus"] // 8)
         start = time.process_time()
-        pp = plan_pipeline(graph, cluster, options=MIXED)
+        plan = plan_pipeline(graph, cluster, options=MIXED)
         plan_s = time.process_time() - start
-        if pp.pipelined:
-            pick, step, remat = pp.name, pp.step_s, pp.stage_plan.remat
-        else:
-            pick, step, remat = pp.flat.name, pp.flat.predicted.step_s, pp.flat.remat
+        pick, step, remat = plan.name, plan.predicted.step_s, plan.remat
         paper = paper_step(graph, cluster, row)
         flops = {"pick": step_flops(graph, remat), "paper": step_flops(graph, True)}
         per = {k: 1e12 * row["gpus"] * s for k, s in (("pick", step), ("paper", paper))}
@@ -194,7 +191,7 @@ def megatron(settings: Settings) -> list[dict]:
             "pick_hardware_tflops": flops["pick"][1] / per["pick"],
             "paper_model_tflops": flops["paper"][0] / per["paper"],
             "paper_hardware_tflops": flops["paper"][1] / per["paper"],
-            "bubble": pp.bubble_fraction if pp.pipelined else 0.0})
+            "bubble": plan.pipeline.bubble if plan.pipeline else 0.0})
     return out
 
 

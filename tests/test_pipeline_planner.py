@@ -28,7 +28,7 @@ from jaxpar.planners.pipeline.cost import (
 )
 from jaxpar.planners.pipeline.cut import cut_layers, max_layers
 from jaxpar.planners.pipeline.parts import rescale, stage_parts, subcluster
-from jaxpar.planners.pipeline.result import PipelinePlan, step_flops
+from jaxpar.planners.pipeline.result import step_flops
 from jaxpar.planners.pipeline.search import evaluate_pipeline, plan_pipeline
 from jaxpar.planners.schedules.generators import in_flight, make_schedule, schedule_allows
 from jaxpar.planners.schedules.simulator import simulate
@@ -46,11 +46,12 @@ def test_megatron_rows_planned_fast_and_no_slower_than_the_paper(row):
     plan = plan_pipeline(graph, cluster, options=MIXED)
     elapsed = time.process_time() - start
     assert elapsed < 10.0, f"planning took {elapsed:.1f} s"
-    pick = plan.step_s if plan.pipelined else plan.flat.predicted.step_s
-    assert pick <= paper_step(graph, cluster, row) * (1 + 1e-9)
-    assert plan.memory_bytes <= cluster.memory_bytes
+    assert plan.predicted.step_s <= paper_step(graph, cluster, row) * (1 + 1e-9)
+    assert plan.predicted.total_bytes <= cluster.memory_bytes
     assert plan.num_devices == cluster.num_devices
-    assert sum(j - i for s in plan.stages for i, j in s.chunks) == row["layers"]
+    if plan.pipeline is not None:
+        assert sum(plan.pipeline.cut) == row["layers"]
+        assert max(plan.predicted.stage_bytes) == plan.predicted.total_bytes
 
 
 def test_dp_cut_is_optimal_against_brute_force():
@@ -201,10 +202,12 @@ def test_a_tight_budget_is_respected_by_the_cut_and_the_search():
     cluster = a100_80gb(num_nodes=2)
     roomy = evaluate_pipeline(graph, cluster, p=4, m=8, mesh="dp4", remat=False,
                               options=MIXED)
-    budget = 0.8 * roomy.memory_bytes
+    budget = 0.8 * roomy.predicted.total_bytes
     tight = plan_pipeline(graph, cluster, budget, MIXED)
-    assert all(s.total_bytes <= budget for s in tight.stages)
-    assert tight.step_s >= plan_pipeline(graph, cluster, options=MIXED).step_s
+    assert tight.predicted.total_bytes <= budget
+    assert all(b <= budget for b in tight.predicted.stage_bytes)
+    roomy_pick = plan_pipeline(graph, cluster, options=MIXED)
+    assert tight.predicted.step_s >= roomy_pick.predicted.step_s
     with pytest.raises(PlanError, match=r"no cut of 16 layers into 16 chunks fits 0\.05 GiB "
                                         r".* needs \d+\.\d+ GiB .*; try more devices"):
         plan_pipeline(graph, cluster, 0.05 * GiB, MIXED)
@@ -230,29 +233,31 @@ def test_layer_caps_solve_the_memory_formula():
 
 def test_plan_round_trips_through_json_and_explains_the_choice():
     graph = gpt_graph(1024, 16, 12, batch=32, length=1024, vocab=8192)
-    plan = plan_pipeline(graph, a100_80gb(num_nodes=1), options=MIXED)
-    again = PipelinePlan.from_json(plan.to_json())
-    assert again.explain() == plan.explain() and again.stages == plan.stages
-    assert again.stage_plan == plan.stage_plan and again.flat.name == plan.flat.name
-    text = plan.explain()
-    assert plan.name in text and "runner-up" in text
-    verdict = "Pipelining chosen" if plan.pipelined else "Pipelining not chosen"
-    assert verdict in text and plan.alternatives[0].name.startswith("no pipeline")
-    assert all(a.step_s >= plan.step_s for a in plan.alternatives[1:] if a.step_s == a.step_s)
+    for nodes in (1, 2):
+        plan = plan_pipeline(graph, a100_80gb(num_nodes=nodes), options=MIXED)
+        again = Plan.from_json(plan.to_json())
+        assert again.explain() == plan.explain() and again.to_json() == plan.to_json()
+        text = plan.explain()
+        assert plan.name in text and "runner-up" in text
+        lost = "no pipeline" if plan.pipeline is not None else "best pipeline"
+        assert plan.alternatives[0].name.startswith(lost)
+        step = plan.predicted.step_s
+        assert all(a.step_s >= step for a in plan.alternatives if a.step_s == a.step_s)
 
 
 def test_the_pipeline_becomes_a_plan_with_stages_cut_and_schedule():
     graph = gpt_graph(1024, 16, 12, batch=32, length=1024, vocab=8192)
-    pp = plan_pipeline(graph, a100_80gb(num_nodes=2), options=MIXED, schedules=("1f1b",))
-    plan = pp.to_plan()
-    assert plan.stages == pp.p and plan.num_devices == pp.num_devices == 16
-    assert plan.microbatches == pp.m and plan.pipeline.schedule == "1f1b"
-    assert sum(plan.pipeline.cut) == 12 and len(plan.pipeline.cut) == pp.p * pp.v
-    assert plan.pipeline.bubble == pp.bubble_fraction
-    assert plan.predicted.step_s == pytest.approx(pp.step_s)
+    plan = evaluate_pipeline(graph, a100_80gb(num_nodes=2), p=4, m=8, mesh="dp2+tp2",
+                             options=MIXED)
+    assert plan.stages == 4 and plan.num_devices == 16 and plan.microbatches == 8
+    assert plan.pipeline.schedule == "1f1b" and plan.pipeline.virtual == 1
+    assert sum(plan.pipeline.cut) == 12 and len(plan.pipeline.cut) == 4
+    assert 0 < plan.pipeline.bubble < 1 and len(plan.predicted.stage_bytes) == 4
+    pr = plan.predicted
+    assert pr.step_s == pytest.approx(pr.forms[plan.pipeline.form])
     assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()  # NaN != NaN
     plan.check_pipeline()
-    assert "pipeline: " in str(plan) and "no pipeline" in plan.explain()
+    assert "pipeline: " in str(plan) and "GiB per device by stage" in plan.explain()
 
 
 def test_step_flops_count_recomputation_of_the_stack_only():
@@ -268,20 +273,19 @@ def test_both_forms_are_priced_and_the_faster_runs():
     graph = gpt_graph(1024, 16, 12, batch=32, length=1024, vocab=8192)
     cluster = a100_80gb(num_nodes=1)
     plain = evaluate_pipeline(graph, cluster, p=4, m=8, mesh="dp2", options=MIXED)
-    forms = dict((form, step) for form, step, _ in plain.forms)
-    assert set(forms) == {"mpmd", "spmd"} and plain.form == min(forms, key=forms.get)
+    forms = plain.predicted.forms
+    assert set(forms) == {"mpmd", "spmd"} and plain.pipeline.form == min(forms, key=forms.get)
     # lock-step ticks never beat the event-driven schedule when launching costs nothing
-    assert plain.form == "mpmd" and forms["spmd"] >= forms["mpmd"]
+    assert plain.pipeline.form == "mpmd" and forms["spmd"] >= forms["mpmd"]
     assert "SPMD form" in plain.explain() and "(chosen)" in plain.explain()
     # one program beats a launch per op once launching is slow enough
     slow = dataclasses.replace(cluster, dispatch_latency=0.05)
     launched = evaluate_pipeline(graph, slow, p=4, m=8, mesh="dp2", options=MIXED)
-    assert launched.form == "spmd" and launched.to_plan().pipeline.form == "spmd"
-    mpmd_s = dict((form, step) for form, step, _ in launched.forms)["mpmd"]
-    assert mpmd_s >= 0.05 * 2 * 8 * 4  # every F and B launched from the host
+    assert launched.pipeline.form == "spmd"
+    assert launched.predicted.forms["mpmd"] >= 0.05 * 2 * 8 * 4  # every F and B launched
     # the SPMD runtime needs ZeRO 0 and equal chunks: nothing else is priced in its form
     zero = evaluate_pipeline(graph, slow, p=4, m=8, mesh="dp2", zero=1, options=MIXED)
     uneven = evaluate_pipeline(graph, slow, p=8, m=8, mesh="dp1", options=MIXED)
     for only_mpmd in (zero, uneven):
-        assert [form for form, _, _ in only_mpmd.forms] == ["mpmd"]
+        assert list(only_mpmd.predicted.forms) == ["mpmd"]
         assert "SPMD form not priced" in only_mpmd.explain()

@@ -49,7 +49,7 @@ from jaxpar.planners.pipeline.cost import (
     step_sync,
 )
 from jaxpar.planners.pipeline.cut import cut_stack, estimate_step
-from jaxpar.planners.pipeline.result import PipelinePlan, finish
+from jaxpar.planners.pipeline.result import PricedPipeline, finish
 from jaxpar.planners.schedules.generators import (
     check_schedule,
     in_flight,
@@ -64,13 +64,13 @@ GiB = 2**30
 def evaluate_pipeline(graph: ModelGraph, cluster: Cluster, *, p: int, v: int = 1, m: int,
                       schedule: str = "1f1b", mesh: str, zero: int = 0, remat: bool = True,
                       memory_budget: float | None = None,
-                      options: Options | None = None) -> PipelinePlan:
-    """A given pipeline (e.g. a paper's own choice) priced by the planner's model: p stages of
-    the named intra-stage plan `mesh` ("dp6+tp8") over N / p devices, v chunks per rank, m
-    microbatches (defaults as Megatron-LM ran in 2021: remat on, no ZeRO); the layers cut by
-    the same DP. Raises ValueError / PlanError with the
-    numbers when p does not divide the devices, the layers do not cover p v chunks, the
-    schedule refuses m, or no cut fits the memory budget."""
+                      options: Options | None = None) -> Plan:
+    """A given pipeline (e.g. a paper's own choice) as a Plan priced by the planner's model,
+    in the faster form that fits: p stages of the named intra-stage plan `mesh` ("dp6+tp8")
+    over N / p devices, v chunks per rank, m microbatches (defaults as Megatron-LM ran in
+    2021: remat on, no ZeRO); the layers cut by the same DP. Raises ValueError / PlanError
+    with the numbers when p does not divide the devices, the layers do not cover p v chunks,
+    the schedule refuses m, or no cut fits the memory budget."""
     options = options or Options()
     budget = cluster.memory_bytes if memory_budget is None else memory_budget
     n_dev = cluster.num_devices
@@ -106,7 +106,7 @@ def evaluate_pipeline(graph: ModelGraph, cluster: Cluster, *, p: int, v: int = 1
         raise PlanError(f"{plan.name}: the cut needs {plan.memory_bytes / GiB:.2f} GiB on its "
                         f"largest rank; the budget is {budget / GiB:.2f} GiB; use remat, more "
                         f"stages or smaller microbatches")
-    return dataclasses.replace(plan, source="analytic, fixed configuration")
+    return plan.to_plan(source="analytic, fixed configuration")
 
 
 def _no_fit(model: PieceCosts, cfg: Candidate, layers: int, budget: float) -> str:
@@ -205,9 +205,11 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
                   options: Options | None = None, *, schedules: Sequence[str] = SCHEDULES,
                   virtual: Sequence[int] | None = None, max_microbatch_size: int = 8,
                   max_microbatches: int | None = None, cuts: int = 24,
-                  simulated_ops: int = 300_000, alternatives: int = 8) -> PipelinePlan:
-    """The fastest pipeline that fits `memory_budget` per device, with the best plan without
-    one (`plan_sharding` on the whole cluster) in `flat` and among the runners-up.
+                  simulated_ops: int = 300_000, alternatives: int = 8) -> Plan:
+    """The fastest plan that fits `memory_budget` per device, pipelined or not: the best
+    pipeline (in the faster of its two forms) against the best plan without one
+    (`plan_sharding` on the whole cluster); the loser leads the runners-up, so
+    `explain()` says why pipelining won or lost.
 
     Round 2 cuts the `cuts` best estimates (stopping past 1.25 x the best bound so far);
     round 3 simulates the cuts best bound first until the next bound cannot beat the best
@@ -216,6 +218,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
     """
     options = options or Options()
     budget = cluster.memory_bytes if memory_budget is None else memory_budget
+    flat_microbatches = MAX_MICROBATCHES if max_microbatches is None else max_microbatches
     start = time.process_time()
     pricer = Pricer(graph, cluster, options)
     layers = pricer.parts.layers
@@ -232,7 +235,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
             bounded.append((pipeline_bound(costs, cfg.schedule, cfg.p, cfg.m, cfg.v, model.p2p)
                             + step_sync(model, costs, cfg.p), cfg, cut))
     bounded.sort(key=lambda x: x[0])
-    simulated: list[PipelinePlan] = []
+    simulated: list[PricedPipeline] = []
     losers: list[tuple[str, float, float, str]] = []
     ops = 0
     for bound, cfg, cut in bounded:
@@ -249,19 +252,45 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
         else:
             simulated.append(plan)
     if not simulated:
-        raise PlanError(_nothing_fits(pricer, cluster, budget))
+        return _without_pipeline(graph, cluster, budget, options, flat_microbatches,
+                                 _nothing_fits(pricer, cluster, budget))
     simulated.sort(key=lambda s: s.step_s)
     best = simulated[0]
     losers += [(s.name, s.step_s, s.memory_bytes, "simulated") for s in simulated[1:]]
-    flat, flat_line = _flat(graph, cluster, budget, options, best, max_microbatches)
+    try:
+        flat = plan_sharding(graph, cluster, budget, options, flat_microbatches,
+                             suggest_devices=False)
+    except PlanError as err:
+        flat, flat_line = None, Alternative("no pipeline", math.nan, math.nan,
+                                            str(err).split(";")[0])
+    else:
+        step = flat.predicted.step_s
+        flat_line = Alternative(f"no pipeline: {flat.name}", step, flat.predicted.total_bytes,
+                                f"{step / best.step_s - 1:+.1%} step time")
+    if flat is not None and flat.predicted.step_s <= best.step_s:
+        lost = Alternative(f"best pipeline: {best.name}", best.step_s, best.memory_bytes,
+                           f"{best.step_s / flat.predicted.step_s - 1:+.1%} step time "
+                           f"(bubble {best.bubble_fraction:.1%})")
+        return dataclasses.replace(flat, alternatives=(lost,) + flat.alternatives)
     runners = [flat_line] + [
         Alternative(name, step, memory, how if how.startswith("needs") else
                     f"{step / best.step_s - 1:+.1%} step time ({how})")
         for name, step, memory, how in sorted(losers, key=lambda x: x[1])][:alternatives - 1]
-    return dataclasses.replace(best, flat=flat, alternatives=tuple(runners),
-                               source=f"analytic: {len(ranked)} configurations estimated, "
-                                      f"{len(bounded)} cut, {len(simulated)} simulated in "
-                                      f"{time.process_time() - start:.2f} s")
+    return best.to_plan(f"analytic: {len(ranked)} configurations estimated, {len(bounded)} "
+                        f"cut, {len(simulated)} simulated in "
+                        f"{time.process_time() - start:.2f} s", runners)
+
+
+def _without_pipeline(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,
+                      max_microbatches: int, why: str) -> Plan:
+    """The best plan without a pipeline when none fits (`why`); if that does not fit either,
+    a PlanError with both reasons."""
+    try:
+        flat = plan_sharding(graph, cluster, budget, options, max_microbatches)
+    except PlanError as err:
+        raise PlanError(f"{why}. Without a pipeline: {err}") from None
+    return dataclasses.replace(flat, alternatives=(
+        Alternative("any pipeline", math.nan, math.nan, why),) + flat.alternatives)
 
 
 def _nothing_fits(pricer: Pricer, cluster: Cluster, budget: float) -> str:
@@ -279,18 +308,3 @@ def _nothing_fits(pricer: Pricer, cluster: Cluster, budget: float) -> str:
     m = graph.batch_size // stage.data_parallel_size
     cfg = Candidate(p, 1, m, "1f1b", 1, stage)
     return _no_fit(pricer.model(p, stage, 1), cfg, layers, budget) + " (the leanest pipeline)"
-
-
-def _flat(graph: ModelGraph, cluster: Cluster, budget: float, options: Options,
-          best: PipelinePlan, max_microbatches: int | None) -> tuple[Plan | None, Alternative]:
-    """The best plan without pipelining, and its line among the runners-up."""
-    try:
-        flat = plan_sharding(graph, cluster, budget, options, suggest_devices=False,
-                             max_microbatches=MAX_MICROBATCHES if max_microbatches is None
-                             else max_microbatches)
-    except PlanError as err:
-        return None, Alternative("no pipeline", math.nan, math.nan, str(err).split(";")[0])
-    step = flat.predicted.step_s
-    return flat, Alternative(f"no pipeline: {flat.name}", step, flat.predicted.total_bytes,
-                             f"{step / best.step_s - 1:+.1%} step time "
-                             f"({'lost' if step >= best.step_s else 'won: use `flat`'})")
