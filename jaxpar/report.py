@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
+import platform
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -21,6 +26,15 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def run_meta(script: str) -> dict:
+    """What every benchmark records about its run: the command, date, versions, machine."""
+    return {"command": " ".join(["python", script, *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "devices": jax.device_count()}
 
 
 def write_result(result: dict, out: Path, wall_s: float) -> None:

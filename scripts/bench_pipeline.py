@@ -30,18 +30,16 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import argparse
 import dataclasses
-import datetime
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 import jaxpar
+from jaxpar.cluster.probe import example_batch
 from jaxpar.models import gpt
 from jaxpar.named import named_plan
 from jaxpar.plan import Pipeline
@@ -51,7 +49,8 @@ from jaxpar.planners.pipeline.result import step_flops
 from jaxpar.planners.pipeline.search import plan_pipeline
 from jaxpar.planners.schedules.generators import make_schedule, schedule_allows
 from jaxpar.planners.schedules.simulator import simulate
-from jaxpar.report import text_table, write_result
+from jaxpar.report import run_meta, text_table, write_result
+from jaxpar.timing import Timed, interleave
 
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_CSV = ROOT / "data" / "megatron_gpt_configs.csv"
@@ -102,41 +101,16 @@ def simulated() -> list[dict]:
 
 
 # ================================================================ 2. measured runtimes
-def token_batch(cfg: dict[str, int], batch: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg["vocab"], (batch, cfg["length"] + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-
-@dataclasses.dataclass
-class Run:
-    """One compiled configuration: its step, state and batch, and the times taken."""
-
-    name: str
-    step: Any
-    state: Any
-    batch: Any
-    times: list[float] = dataclasses.field(default_factory=list)
-
-    def time_steps(self, steps: int) -> None:
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.state, metrics = self.step(self.state, self.batch)
-            jax.block_until_ready((self.state, metrics))
-            self.times.append(time.perf_counter() - start)
-
-
-def build_run(name: str, plan: jaxpar.Plan, settings: Settings) -> tuple[Run, float]:
-    """Compile `plan` on the settings' model; (run after one warm-up step, compile seconds)."""
+def build_run(name: str, plan: jaxpar.Plan, settings: Settings) -> tuple[Timed, float]:
+    """Compile `plan` on the settings' model; (its clock after one warm-up step, compile
+    seconds)."""
     model_fn = gpt.build(gpt.GPTConfig(**settings.model))
-    host = token_batch(settings.model, settings.batch, 0)
+    host = example_batch(gpt.GPTConfig(**settings.model), settings.batch)
     start = time.perf_counter()
     par = jaxpar.parallelize(model_fn, optax.adamw(1e-3), gpt.lm_stages, plan, host)
-    batch = par.shard_batch(host)
-    run = Run(name, par.step, par.init(jax.random.key(0)), batch)
-    run.time_steps(1)
-    run.times.clear()
-    return run, time.perf_counter() - start
+    clock = Timed(name, par.step, par.init(jax.random.key(0)), par.shard_batch(host))
+    clock.warm_up()
+    return clock, time.perf_counter() - start
 
 
 def measured(settings: Settings) -> dict:
@@ -150,18 +124,15 @@ def measured(settings: Settings) -> dict:
         print(f"compiling {name}", file=sys.stderr, flush=True)
         run, compile_s[name] = build_run(name, plan, settings)
         runs.append(run)
-    rng = np.random.default_rng(0)
-    for _ in range(settings.rounds):
-        for i in rng.permutation(len(runs)):
-            runs[i].time_steps(settings.steps_per_round)
-    median = {run.name: float(np.median(run.times)) for run in runs}
+    interleave(runs, settings.rounds, settings.steps_per_round)
+    median = {run.name: run.median() for run in runs}
     configs = []
     for run in runs:
         form = run.name.split()[0] if run.name.split()[0] in ("mpmd", "spmd") else None
         baseline = None if form is None else "dp8"
         configs.append({
             "name": run.name, "form": form, "median_s": median[run.name],
-            "spread": float(np.subtract(*np.percentile(run.times, [75, 25])) / median[run.name]),
+            "spread": run.spread(),
             "steps": len(run.times), "times_s": run.times, "compile_s": compile_s[run.name],
             "baseline": baseline,
             "over_baseline": None if baseline is None else median[run.name] / median[baseline]})
@@ -207,12 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
                          f"set XLA_FLAGS={_FLAG}={NUM_DEVICES}")
     started = time.perf_counter()
     result: dict[str, Any] = {"meta": {
-        "command": " ".join(["python scripts/bench_pipeline.py", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "devices": jax.device_count(), "quick": args.quick,
-        "timing": f"1 warm-up step, {settings.rounds} rounds x {settings.steps_per_round} "
-                  "steps in shuffled order; median per configuration; spread = IQR / median"}}
+        **run_meta("scripts/bench_pipeline.py"), "quick": args.quick,
+        "timing": f"1 warm-up step, {settings.rounds} interleaved rounds x "
+                  f"{settings.steps_per_round} steps in shuffled order (jaxpar.timing); median "
+                  "of the clean steps per configuration (all, if none is clean); spread = "
+                  "IQR / median"}}
 
     print("== simulated schedules (F = 1, B = 2; ZB-H1 B = W = 1; per stage)")
     result["simulated"] = simulated()
