@@ -277,6 +277,33 @@ class Plan:
                 f"use a batch of {nearest}"
             )
 
+    def check(self, params: Sequence[ParamInfo], batch_sizes: Sequence[int], num_devices: int,
+              layers: int | None = None) -> Plan:
+        """The one validation of a plan against a model, a batch and the devices, for every
+        form: the mesh's device count, the pipeline, the knobs, every parameter, every batch
+        leaf's leading size and (pipelined, given the stack's `layers`) the chunks the form
+        can run. Returns the plan bound to `params`; raises PlanError naming the value, the
+        limit and the fix."""
+        self.check_devices(num_devices)
+        self.check_pipeline()
+        if self.microbatches < 1 or self.zero not in (0, 1):
+            raise PlanError(f"microbatches must be >= 1 (got {self.microbatches}) and zero 0 or 1"
+                            f" (got {self.zero})")
+        plan = self.bind(params)
+        for size in batch_sizes:
+            plan.check_batch(size)
+        if self.pipeline is None or layers is None:
+            return plan
+        chunks = self.pipeline.chunk_layers(self.stages, layers)
+        if self.pipeline.form == "spmd" and len(set(chunks)) > 1:
+            raise PlanError(f"the SPMD pipeline needs equal chunks (one program runs every "
+                            f"rank); the cut is {chunks}: drop the cut or use form='mpmd'")
+        if self.pipeline.form == "spmd" and self.zero:
+            raise PlanError(f"the SPMD pipeline keeps optimizer state laid out like its "
+                            f"parameters; the plan has zero={self.zero}: use zero=0 or "
+                            "form='mpmd'")
+        return plan
+
     def bind(self, params: Sequence[ParamInfo]) -> Plan:
         """This plan with the model's parameter table, every parameter checked."""
         for info in params:

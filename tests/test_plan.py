@@ -73,3 +73,28 @@ def test_summary_lists_every_parameter_with_its_axes():
 def test_bind_rejects_a_mesh_axis_that_does_not_divide():
     with pytest.raises(PlanError, match="dimension 'mlp' has size 256, which mesh axes tensor"):
         named_plan("tp", 3).bind([KERNEL])
+
+
+def test_check_is_the_one_validation_for_every_form():
+    """Plan.check binds the parameter table and refuses, with the fix, what no form can run."""
+    from jaxpar.plan import Pipeline
+
+    bound = named_plan("fsdp2+tp4", 8).check([KERNEL], [16], 8)
+    assert bound.params == (KERNEL,)
+    cases = [
+        (named_plan("dp8", 8), [16], 4, "has 8 devices but 4 are available"),
+        (named_plan("dp8", 8, microbatches=0), [16], 8, "microbatches must be >= 1"),
+        (named_plan("dp8", 8, zero=2), [16], 8, "zero 0 or 1"),
+        (named_plan("dp8", 8, microbatches=4), [16], 8, "use a batch of 32"),
+        (named_plan("dp8", 8), [16, 12], 8, "batch size 12 is not divisible"),
+        (named_plan("pp2+dp4", 8, zero=1, pipeline=Pipeline(form="spmd")), [16], 8,
+         "use zero=0 or form='mpmd'"),
+        (named_plan("pp2+dp4", 8, pipeline=Pipeline(form="spmd", cut=(1, 3))), [16], 8,
+         "needs equal chunks"),
+    ]
+    for plan, batches, devices, message in cases:
+        with pytest.raises(PlanError, match=message):
+            plan.check([KERNEL], batches, devices, layers=4)
+    # the MPMD form runs ZeRO-1 and uneven cuts
+    mpmd = named_plan("pp2+dp4", 8, zero=1, pipeline=Pipeline(cut=(1, 3)))
+    assert mpmd.check([KERNEL], [16], 8, layers=4).params == (KERNEL,)

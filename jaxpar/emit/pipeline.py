@@ -35,12 +35,8 @@ def checked(model_fn: ModelFn, stages: Any, plan: Plan, batch: Any,
     if not isinstance(stages, Stages):
         raise PlanError("a pipelined plan needs the loss as a jaxpar.Stages (what runs before, "
                         f"in and after the layer stack); got {type(stages).__name__}")
-    plan.check_devices(num_devices)
-    plan.check_pipeline()
     pieces = Pieces.of(model_fn, stages)
-    plan = plan.bind(pieces.infos)
+    plan = plan.check(pieces.infos, [leaf.shape[0] for leaf in jax.tree.leaves(batch)],
+                      num_devices, pieces.num_layers)
     chunk_layers = plan.pipeline.chunk_layers(plan.stages, pieces.num_layers)
-    schedule = schedule_of(plan)
-    for leaf in jax.tree.leaves(batch):
-        plan.check_batch(leaf.shape[0])
-    return plan, pieces, chunk_layers, schedule
+    return plan, pieces, chunk_layers, schedule_of(plan)

@@ -43,7 +43,7 @@ from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.shardings import abstract_state, by_path, make_mesh
 from jaxpar.emit.state import TrainState, apply_gradients, init_state
 from jaxpar.emit.step import require_layer, split_microbatches
-from jaxpar.plan import Layout, ParamInfo, Plan, PlanError
+from jaxpar.plan import Layout, ParamInfo, Plan
 from jaxpar.planners.schedules.generators import Schedule
 from jaxpar.planners.schedules.ticks import TickTable, tick_table
 from jaxpar.tracing.params import ModelFn
@@ -60,15 +60,6 @@ def _rows(table: TickTable) -> np.ndarray:
     return np.array([[(_KIND[c.op.kind if c.op else None], c.op.microbatch if c.op else 0,
                        c.op.chunk // s.p if c.op else 0, c.x, c.r, c.g, c.h, c.recv_x,
                        c.recv_g) for c in row] for row in table.cells], np.int32)
-
-
-def _check(plan: Plan, chunk_layers: Sequence[int]) -> None:
-    if len(set(chunk_layers)) > 1:
-        raise PlanError(f"the SPMD pipeline needs equal chunks (one program runs every rank); "
-                        f"the cut is {tuple(chunk_layers)}: drop the cut or use form='mpmd'")
-    if plan.zero:
-        raise PlanError(f"the SPMD pipeline keeps optimizer state laid out like its parameters;"
-                        f" the plan has zero={plan.zero}: use zero=0 or form='mpmd'")
 
 
 def _chunked(pieces: Pieces, params: dict, p: int, v: int) -> dict:
@@ -283,7 +274,6 @@ def parallelize_spmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
                      batch: Any, devices: Sequence[jax.Device]) -> Parallelized:
     """The plan's pipelined train step as one SPMD program (see the module doc)."""
-    _check(plan, chunk_layers)
     p, v = plan.stages, plan.pipeline.virtual
     mesh = make_mesh(plan, devices)
     stack = pieces.stages.stack + "/"

@@ -95,15 +95,8 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
                      loss_fn: LossFn, plan: Plan, batch: Any,
                      devices: Sequence[jax.Device]) -> Parallelized:
     """The step of a plan without a pipeline (see `jaxpar.parallelize`)."""
-    plan.check_devices(len(devices))
-    plan.check_pipeline()
-    if plan.microbatches < 1 or plan.zero not in (0, 1):
-        raise PlanError(f"microbatches must be >= 1 (got {plan.microbatches}) and zero 0 or 1 "
-                        f"(got {plan.zero})")
     graphdef, params_shape, infos = abstract_params(model_fn)
-    plan = plan.bind(infos)
-    for leaf in jax.tree.leaves(batch):
-        plan.check_batch(leaf.shape[0])
+    plan = plan.check(infos, [leaf.shape[0] for leaf in jax.tree.leaves(batch)], len(devices))
     mesh = make_mesh(plan, devices)
     state_sharding, abstract_state = state_sharding_of(plan, mesh, optimizer, params_shape)
     batch_sharding = jax.tree.map(
