@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 
+from jaxpar.predicted import Alternative, Predicted, runners_up
 from jaxpar.rules import Layout, NoRule, Rules, as_rules, resolve, rules_for
 
 # The one rule table shared by the named plans: a mesh axis of size 1 makes a rule a no-op,
@@ -53,40 +54,6 @@ class ParamInfo:
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "float64": 8}
-
-
-@dataclasses.dataclass(frozen=True)
-class Predicted:
-    """What a cost model expects of the plan, per device."""
-
-    memory_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
-    compute_s: float = 0.0
-    communication_s: float = 0.0
-    collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
-    source: str = ""
-    gap: float | None = None  # relative MIP gap of the search that chose the plan; 0: optimal
-    # pipelined plans: the step in each form priced, and each stage's per-device bytes
-    # (memory_bytes is the largest stage's; compute_s the pipeline, communication_s the sync)
-    forms: dict[str, float] = dataclasses.field(default_factory=dict)
-    stage_bytes: tuple[float, ...] = ()
-
-    @property
-    def step_s(self) -> float:
-        return self.compute_s + self.communication_s
-
-    @property
-    def total_bytes(self) -> float:
-        return sum(self.memory_bytes.values())
-
-
-@dataclasses.dataclass(frozen=True)
-class Alternative:
-    """A plan the search weighed against the chosen one, and why it lost."""
-
-    name: str
-    step_s: float
-    memory_bytes: float
-    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,17 +373,3 @@ class Plan:
                 lines.append("  GiB per device by stage: "
                              + ", ".join(f"{b / 2**30:.2f}" for b in pr.stage_bytes))
         return "\n".join(lines + runners_up(self.alternatives, unit))
-
-
-def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
-    """The table of runners-up `explain()` prints: name, step time in `unit` (ms or s),
-    GiB per device and why each lost."""
-    if not alternatives:
-        return []
-    scale = {"ms": 1e3, "s": 1.0}[unit]
-    width = max(len("runner-up"), *(len(a.name) for a in alternatives))
-    lines = [f"  {'runner-up'.ljust(width)}  {'step ' + unit:>9}     GiB  why it lost"]
-    for a in alternatives:
-        lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  "
-                     f"{a.memory_bytes / 2**30:6.2f}  {a.reason}")
-    return lines

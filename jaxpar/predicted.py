@@ -1,0 +1,55 @@
+"""What a planner predicts of a plan (`Predicted`) and the runners-up it weighed against it
+(`Alternative`), with the table `Plan.explain()` prints of them. Pure data, no jax."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Predicted:
+    """What a cost model expects of the plan, per device."""
+
+    memory_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    compute_s: float = 0.0
+    communication_s: float = 0.0
+    collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    source: str = ""
+    gap: float | None = None  # relative MIP gap of the search that chose the plan; 0: optimal
+    # pipelined plans: the step in each form priced, and each stage's per-device bytes
+    # (memory_bytes is the largest stage's; compute_s the pipeline, communication_s the sync)
+    forms: dict[str, float] = dataclasses.field(default_factory=dict)
+    stage_bytes: tuple[float, ...] = ()
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.communication_s
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory_bytes.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """A plan the search weighed against the chosen one, and why it lost."""
+
+    name: str
+    step_s: float
+    memory_bytes: float
+    reason: str
+
+
+def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
+    """The table of runners-up `explain()` prints: name, step time in `unit` (ms or s),
+    GiB per device and why each lost."""
+    if not alternatives:
+        return []
+    scale = {"ms": 1e3, "s": 1.0}[unit]
+    width = max(len("runner-up"), *(len(a.name) for a in alternatives))
+    lines = [f"  {'runner-up'.ljust(width)}  {'step ' + unit:>9}     GiB  why it lost"]
+    for a in alternatives:
+        lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  "
+                     f"{a.memory_bytes / 2**30:6.2f}  {a.reason}")
+    return lines
