@@ -5,27 +5,28 @@ from __future__ import annotations
 import math
 import re
 
-from jaxpar.plan import Pipeline, Plan, PlanError
+from jaxpar.plan import MESH_AXES, Pipeline, Plan, PlanError
 
-SPEC_AXES = {"pp": "stage", "dp": "data", "fsdp": "fsdp", "tp": "tensor"}
-MESH_AXIS_ORDER = ("data", "fsdp", "tensor")  # `stage` goes first when the plan pipelines
+SPEC_AXES = {prefix: axis for axis, prefix in MESH_AXES.items()}
 
 
 def named_plan(spec: str, num_devices: int, **options) -> Plan:
     """A hand-picked plan from a spec such as "dp", "fsdp8", "dp2+tp4" or "dp2+fsdp2+tp2".
 
-    Components are pp (stage), dp (data), fsdp (fsdp) and tp (tensor), each with an
-    optional size; one component may omit its size and takes the devices the others leave.
-    `options` are Plan fields (zero, remat, microbatches, rules, pipeline); a plan with pp
-    gets `Pipeline()` (1F1B, MPMD) unless `pipeline` is given.
+    Components are the prefixes of `plan.MESH_AXES` (pp: stage, dp: data, fsdp, sp:
+    sequence, tp: tensor, ep: expert), each with an optional size; one component may omit
+    its size and takes the devices the others leave. The mesh has the named axes only, in
+    the vocabulary's order. `options` are Plan fields (zero, remat, microbatches, rules,
+    pipeline); a plan with pp gets `Pipeline()` (1F1B, MPMD) unless `pipeline` is given.
+    An axis no rule names is refused (with the default rules: sp and ep).
     """
     sizes: dict[str, int | None] = {}
     for part in spec.split("+"):
-        m = re.fullmatch(r"(pp|dp|fsdp|tp)(\d*)", part.strip())
-        if m is None or SPEC_AXES[m.group(1)] in sizes:
+        m = re.fullmatch(r"([a-z]+)(\d*)", part.strip())
+        if m is None or m.group(1) not in SPEC_AXES or SPEC_AXES[m.group(1)] in sizes:
             raise PlanError(
-                f"unknown plan {spec!r}: write components pp, dp, fsdp, tp joined by '+', each "
-                f"at most once with an optional size, e.g. 'dp2+tp4'"
+                f"unknown plan {spec!r}: write components {', '.join(SPEC_AXES)} joined by "
+                f"'+', each at most once with an optional size, e.g. 'dp2+tp4'"
             )
         sizes[SPEC_AXES[m.group(1)]] = int(m.group(2)) if m.group(2) else None
     open_axes = [a for a, s in sizes.items() if s is None]
@@ -39,11 +40,12 @@ def named_plan(spec: str, num_devices: int, **options) -> Plan:
                 f"{num_devices} devices"
             )
         sizes[open_axes[0]] = num_devices // fixed
-    mesh = tuple((axis, sizes.get(axis) or 1) for axis in MESH_AXIS_ORDER)
     if "stage" in sizes:
-        mesh = (("stage", sizes["stage"]),) + mesh
         options.setdefault("pipeline", Pipeline())
-    plan = Plan(mesh=mesh, name=spec, **options)
+    plan = Plan(mesh=tuple((axis, sizes[axis]) for axis in MESH_AXES if axis in sizes),
+                name=spec, **options)
+    plan.check_mesh()
     plan.check_devices(num_devices)
     plan.check_pipeline()
+    plan.check_axes_used()
     return plan

@@ -13,6 +13,8 @@ import json
 import math
 from collections.abc import Sequence
 
+from jaxpar.errors import PlanError
+from jaxpar.pipelining import Pipeline
 from jaxpar.predicted import Alternative, Predicted, runners_up
 from jaxpar.rules import Layout, NoRule, Rules, as_rules, resolve, rules_for
 
@@ -31,13 +33,10 @@ DEFAULT_RULES: Rules = (
     ("embed", ("fsdp",)),
 )
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble_h1")
-FORMS = ("mpmd", "spmd")
-
-
-class PlanError(ValueError):
-    """A plan that cannot run: the message says which value, the limit, and the fix."""
-
+# The mesh axis vocabulary, outermost first, each with the prefix a plan's name gives it
+# ("dp2+tp4"). A plan's mesh is any ordered subset; `stage` (the pipeline's) comes first.
+MESH_AXES = {"stage": "pp", "data": "dp", "fsdp": "fsdp", "sequence": "sp", "tensor": "tp",
+             "expert": "ep"}
 
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
@@ -54,57 +53,6 @@ class ParamInfo:
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "float64": 8}
-
-
-@dataclasses.dataclass(frozen=True)
-class Pipeline:
-    """How a plan pipelines its layer stack over the `stage` mesh axis (p = its size).
-
-    The stack is cut into p * `virtual` chunks, `cut` layers each (empty: equal chunks);
-    chunk c runs on stage c mod p, whose devices are the mesh's slice at `stage` = c mod p
-    (its submesh). The plan's `microbatches` are the pipeline's microbatches; `schedule` says
-    in which order each stage runs them. `form` "mpmd" runs one jitted program per chunk
-    and pass, each on its submesh, driven from Python; "spmd" one program over the whole
-    mesh that steps through the schedule tick by tick. `bubble` is the planner's
-    predicted idle fraction (None for a plan given by hand).
-    """
-
-    schedule: str = "1f1b"
-    virtual: int = 1
-    form: str = "mpmd"
-    cut: tuple[int, ...] = ()
-    bubble: float | None = None
-
-    def check(self, stages: int) -> None:
-        """Raise PlanError unless the schedule, form and cut make sense for p `stages`."""
-        if self.schedule not in SCHEDULES:
-            raise PlanError(f"unknown pipeline schedule {self.schedule!r}; use one of "
-                            f"{', '.join(SCHEDULES)}")
-        if self.form not in FORMS:
-            raise PlanError(f"unknown pipeline form {self.form!r}; use one of {', '.join(FORMS)}")
-        if self.virtual < 1 or (self.virtual > 1) != (self.schedule == "interleaved_1f1b"):
-            raise PlanError(f"virtual={self.virtual} with schedule {self.schedule!r}: "
-                            "interleaved_1f1b needs virtual >= 2, the other schedules 1")
-        if self.cut and len(self.cut) != stages * self.virtual:
-            raise PlanError(f"the cut has {len(self.cut)} chunks but the pipeline has "
-                            f"{stages} stages x {self.virtual} virtual = "
-                            f"{stages * self.virtual}; give one layer count per chunk")
-        if self.cut and min(self.cut) < 1:
-            raise PlanError(f"cut {self.cut}: every chunk needs at least one layer")
-
-    def chunk_layers(self, stages: int, layers: int) -> tuple[int, ...]:
-        """Layers per chunk for a stack of `layers`; equal chunks unless `cut` says."""
-        chunks = stages * self.virtual
-        if self.cut:
-            if sum(self.cut) != layers:
-                raise PlanError(f"the cut {self.cut} covers {sum(self.cut)} layers but the "
-                                f"model's stack has {layers}")
-            return self.cut
-        if layers % chunks:
-            raise PlanError(f"{layers} layers do not divide into {stages} stages x "
-                            f"{self.virtual} virtual = {chunks} equal chunks; use a chunk "
-                            f"count dividing {layers} or give an explicit cut")
-        return (layers // chunks,) * chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +89,10 @@ class Plan:
         """Axis name to size (read-only by convention: cached on the plan)."""
         return dict(self.mesh)
 
+    def axis_size(self, axis: str) -> int:
+        """The size of mesh axis `axis`; 1 when the mesh does not have it."""
+        return self.mesh_shape.get(axis, 1)
+
     @property
     def num_devices(self) -> int:
         return math.prod(size for _, size in self.mesh)
@@ -148,7 +100,7 @@ class Plan:
     @property
     def stages(self) -> int:
         """Pipeline degree p: the size of the `stage` mesh axis (1 without one)."""
-        return self.mesh_shape.get("stage", 1)
+        return self.axis_size("stage")
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
@@ -203,6 +155,21 @@ class Plan:
         )
 
     # ----------------------------------------------------------- validation
+    def check_mesh(self) -> None:
+        """Every axis is named from MESH_AXES once, with a positive size; `stage`, if there,
+        comes first."""
+        names = [name for name, _ in self.mesh]
+        for name, size in self.mesh:
+            if name not in MESH_AXES:
+                raise PlanError(f"unknown mesh axis {name!r}; name mesh axes from "
+                                f"{', '.join(MESH_AXES)}")
+            if not isinstance(size, int) or size < 1:
+                raise PlanError(f"mesh axis {name!r} has size {size!r}; give a positive integer")
+        if len(set(names)) < len(names):
+            raise PlanError(f"mesh axes {names} repeat a name; give each axis once")
+        if "stage" in names[1:]:
+            raise PlanError(f"mesh axes {names}: `stage` must be the first (outermost) axis")
+
     def check_devices(self, num_devices: int) -> None:
         if self.num_devices != num_devices:
             raise PlanError(
@@ -217,10 +184,21 @@ class Plan:
                 raise PlanError(f"the mesh has stage={self.stages} but the plan has no pipeline;"
                                 " set pipeline=Pipeline(...) or drop the stage axis")
             return
-        if self.mesh[0][0] != "stage":
+        if not self.mesh or self.mesh[0][0] != "stage":
             raise PlanError(f"a pipelined plan needs `stage` as its first mesh axis; got mesh "
                             f"{self._mesh_str()}")
         self.pipeline.check(self.stages)
+
+    def check_axes_used(self) -> None:
+        """Every mesh axis of size > 1 but `stage` is named by a rule: devices along an axis
+        no rule splits anything over would all repeat the same work."""
+        named = {a for _, axes in self.rules for a in axes}
+        named |= {a for _, rules in self.group_rules for _, axes in rules for a in axes}
+        idle = [f"{a}={s}" for a, s in self.mesh if s > 1 and a != "stage" and a not in named]
+        if idle:
+            raise PlanError(f"mesh axis {', '.join(idle)} is named by no rule, so every device "
+                            "along it would repeat the same work; map a logical axis to it in "
+                            "the rules or give it size 1")
 
     def check_param(self, info: ParamInfo) -> None:
         for dim, axes, name in zip(info.shape, self.param_layout(info), info.logical_axes):
@@ -247,12 +225,14 @@ class Plan:
     def check(self, params: Sequence[ParamInfo], batch_sizes: Sequence[int], num_devices: int,
               layers: int | None = None) -> Plan:
         """The one validation of a plan against a model, a batch and the devices, for every
-        form: the mesh's device count, the pipeline, the knobs, every parameter, every batch
-        leaf's leading size and (pipelined, given the stack's `layers`) the chunks the form
-        can run. Returns the plan bound to `params`; raises PlanError naming the value, the
-        limit and the fix."""
+        form: the mesh's axes and device count, the pipeline, the knobs, every parameter,
+        every batch leaf's leading size and (pipelined, given the stack's `layers`) the
+        chunks the form can run. Returns the plan bound to `params`; raises PlanError naming
+        the value, the limit and the fix."""
+        self.check_mesh()
         self.check_devices(num_devices)
         self.check_pipeline()
+        self.check_axes_used()
         if self.microbatches < 1 or self.zero not in (0, 1):
             raise PlanError(f"microbatches must be >= 1 (got {self.microbatches}) and zero 0 or 1"
                             f" (got {self.zero})")
@@ -373,3 +353,4 @@ class Plan:
                 lines.append("  GiB per device by stage: "
                              + ", ".join(f"{b / 2**30:.2f}" for b in pr.stage_bytes))
         return "\n".join(lines + runners_up(self.alternatives, unit))
+

@@ -126,7 +126,7 @@ def sweep_plans(graph: ModelGraph, pick: Plan, settings: Settings) -> list[Plan]
             continue
         base = Plan(mesh=mesh, rules=pick.rules, zero=pick.zero, remat=pick.remat,
                     microbatches=pick.microbatches)
-        variants = rule_variants(graph, settings.rule_sets) if dict(mesh)["fsdp"] > 1 else [()]
+        variants = rule_variants(graph, settings.rule_sets) if base.axis_size("fsdp") > 1 else [()]
         for replicated in variants:
             rules = tuple((group_pattern(g), replicate_over_fsdp(pick.rules)) for g in replicated)
             candidates.append(dataclasses.replace(base, group_rules=rules))
@@ -150,9 +150,9 @@ def uses_fsdp(plan: Plan, params: Sequence[ParamInfo]) -> bool:
 def program_key(plan: Plan) -> tuple:
     """Equal for plans that compile to the same program: mesh, knobs and every parameter's
     layout, with an fsdp axis that no parameter uses folded into `data`."""
-    sizes = plan.mesh_shape
-    if sizes["fsdp"] > 1 and not uses_fsdp(plan, plan.params):
-        mesh = (("data", sizes["data"] * sizes["fsdp"]), ("fsdp", 1), ("tensor", sizes["tensor"]))
+    if plan.axis_size("fsdp") > 1 and not uses_fsdp(plan, plan.params):
+        mesh = (("data", plan.axis_size("data") * plan.axis_size("fsdp")), ("fsdp", 1),
+                ("tensor", plan.axis_size("tensor")))
         plan = dataclasses.replace(plan, mesh=mesh, group_rules=())
     return (plan.mesh, plan.zero, plan.remat, plan.microbatches,
             tuple(sorted((p.path, plan.param_layout(p)) for p in plan.params)))
@@ -162,7 +162,7 @@ def config_name(plan: Plan, graph: ModelGraph) -> str:
     """describe() of the mesh and knobs, then the groups whose parameters stay whole, read
     from the layouts themselves."""
     name = describe(dataclasses.replace(plan, group_rules=()))
-    if plan.mesh_shape["fsdp"] == 1:
+    if plan.axis_size("fsdp") == 1:
         return name
     whole = [g.name for g in graph.groups if not uses_fsdp(plan, g.params)]
     return f"{name} ({','.join(whole)} unsharded)" if whole else name

@@ -59,8 +59,10 @@ def test_mesh_axis_that_does_not_divide_a_dimension(compiles):
 
 
 def test_unknown_plan_spec_and_logical_axis():
-    with pytest.raises(PlanError, match="unknown plan 'sp4'"):
-        jaxpar.named_plan("sp4", 8)
+    with pytest.raises(PlanError, match="unknown plan 'xp4': write components pp, dp, fsdp, sp"):
+        jaxpar.named_plan("xp4", 8)
+    with pytest.raises(PlanError, match="mesh axis sequence=8 is named by no rule"):
+        jaxpar.named_plan("sp8", 8)
     plan = jaxpar.named_plan("dp8", 8)
     with pytest.raises(PlanError, match="logical axis 'channels' has no rule"):
         plan.layout(("batch", "channels"))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxpar.named import named_plan
-from jaxpar.plan import SCHEDULES, Plan, PlanError
+from jaxpar.pipelining import SCHEDULES
+from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.graph import Tensor
 from jaxpar.planners.megatron import MIXED, gpt_graph, megatron_table, paper_step, row_graph

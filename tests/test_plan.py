@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jaxpar.named import named_plan
-from jaxpar.plan import ParamInfo, Plan, PlanError, Predicted
+from jaxpar.plan import DEFAULT_RULES, ParamInfo, Plan, PlanError, Predicted
 
 KERNEL = ParamInfo("blocks/mlp/up/kernel", (4, 64, 256), "float32", ("layers", "embed", "mlp"))
 
@@ -29,13 +29,39 @@ def test_planning_modules_do_not_import_jax():
 def test_named_plans_share_one_rule_table_and_differ_in_mesh():
     plan = named_plan("dp2+fsdp2+tp2", 8)
     assert plan.mesh_shape == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert named_plan("fsdp", 8).mesh_shape == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert named_plan("dp2+tp", 8).mesh_shape == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert named_plan("fsdp", 8).mesh_shape == {"fsdp": 8}
+    assert named_plan("dp2+tp", 8).mesh_shape == {"data": 2, "tensor": 4}
     # activations: batch takes data and fsdp first, so embed stays whole
     assert plan.layout(("batch", "length", "embed")) == (("data", "fsdp"), (), ())
     # parameters: embed over fsdp (ZeRO-3), mlp over tensor (Megatron)
     assert plan.param_layout(KERNEL) == ((), ("fsdp",), ("tensor",))
     assert plan.shard_shape(KERNEL) == (4, 32, 128)
+
+
+def test_a_mesh_is_any_ordered_subset_of_the_axis_vocabulary():
+    assert named_plan("fsdp2+tp4", 8).mesh == (("fsdp", 2), ("tensor", 4))
+    assert named_plan("tp2+pp2+dp", 8).mesh == (("stage", 2), ("data", 2), ("tensor", 2))
+    full = Plan(mesh=(("data", 1), ("fsdp", 2), ("sequence", 1), ("tensor", 4), ("expert", 1)))
+    reordered = Plan(mesh=(("tensor", 4), ("fsdp", 2)))
+    for plan in (full, reordered):
+        assert plan.param_layout(KERNEL) == named_plan("fsdp2+tp4", 8).param_layout(KERNEL)
+        assert (plan.axis_size("fsdp"), plan.axis_size("data")) == (2, 1)
+    for mesh, message in (((("model", 8),), "unknown mesh axis 'model'; name mesh axes from "
+                           "stage, data, fsdp, sequence, tensor, expert"),
+                          ((("data", 2), ("data", 4)), "repeat a name"),
+                          ((("data", 2), ("stage", 4)), "`stage` must be the first"),
+                          ((("data", 0),), "mesh axis 'data' has size 0")):
+        with pytest.raises(PlanError, match=message):
+            Plan(mesh=mesh).check([], [8], 8)
+
+
+def test_an_axis_no_rule_names_is_refused_not_left_idle():
+    with pytest.raises(PlanError, match="mesh axis sequence=2 is named by no rule"):
+        named_plan("dp4+sp2", 8)
+    rules = tuple((name, ("sequence",) if name == "length" else axes)
+                  for name, axes in DEFAULT_RULES)
+    plan = named_plan("dp4+sp2", 8, rules=rules)
+    assert plan.layout(("batch", "length", "embed")) == (("data",), ("sequence",), ())
 
 
 def test_group_rules_override_by_path():
@@ -64,7 +90,7 @@ def test_json_round_trip_is_identity():
 def test_summary_lists_every_parameter_with_its_axes():
     plan = named_plan("fsdp2+tp4", 8).bind([KERNEL])
     text = str(plan)
-    assert "mesh data=1 x fsdp=2 x tensor=4 (8 devices)" in text
+    assert "mesh fsdp=2 x tensor=4 (8 devices)" in text
     row = next(line for line in text.splitlines() if KERNEL.path in line)
     assert row.split()[1:] == ["4x64x256", "layers,", "embed,", "mlp", "-,", "fsdp,", "tensor",
                                "4x32x64"]

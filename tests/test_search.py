@@ -72,6 +72,22 @@ def test_mesh_shapes_are_every_factorisation():
     assert len(shapes) == 66 and len(set(shapes)) == 66
     assert all(math.prod(s for _, s in mesh) == 1024 for mesh in shapes)
     assert sum(1 for _ in mesh_shapes(8)) == 10
+    assert mesh_shapes(4, ("sequence", "expert")) == [(("sequence", 4), ("expert", 1)),
+                                                       (("sequence", 2), ("expert", 2)),
+                                                       (("sequence", 1), ("expert", 4))]
+    assert mesh_shapes(6, ("data",)) == [(("data", 6),)] and mesh_shapes(1, ()) == [()]
+
+
+def test_the_cost_model_prices_a_mesh_by_its_axes_not_by_a_fixed_three():
+    """Absent axes are size-1 axes: a subset mesh, reordered or with extra size-1 axes,
+    prices the same as the full data x fsdp x tensor mesh."""
+    graph = transformer(layers=2, embed=256, heads=4, mlp=1024, vocab=1024, batch=16,
+                        length=128)
+    cluster = a100_80gb(num_nodes=1)
+    full = predict(graph, Plan(mesh=(("data", 2), ("fsdp", 1), ("tensor", 4))), cluster)
+    for mesh in ((("data", 2), ("tensor", 4)),
+                 (("data", 2), ("sequence", 1), ("tensor", 4), ("expert", 1))):
+        assert predict(graph, Plan(mesh=mesh), cluster) == full
 
 
 def test_the_milp_finds_the_optimum_of_brute_force():

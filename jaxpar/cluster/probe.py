@@ -44,7 +44,7 @@ def probe_plans(num_devices: int, batch: int) -> list[Plan]:
     what tells a collective's latency from its transfer), each if the batch divides."""
     plans = []
     for mesh in mesh_shapes(num_devices):
-        for microbatches in (1, 2) if dict(mesh)["tensor"] > 1 else (1,):
+        for microbatches in (1, 2) if dict(mesh).get("tensor", 1) > 1 else (1,):
             plan = Plan(mesh=mesh, microbatches=microbatches)
             try:
                 plan.check_batch(batch)

@@ -211,12 +211,13 @@ class Pricer:
                       self.options.reserve_bytes)
 
     def _piece(self, index: int, group: Group, plan: Plan, microbatch_size: int) -> Cost:
-        sizes = plan.mesh_shape
-        key = (index, sizes["fsdp"], sizes["tensor"], plan.remat, microbatch_size)
+        # one microbatch runs on one data-parallel replica: the mesh without `data`
+        inner = dataclasses.replace(plan, mesh=tuple((a, s) for a, s in plan.mesh if a != "data"),
+                                    zero=0)
+        key = (index, inner.mesh, plan.remat, microbatch_size)
         if key not in self._microbatch:
-            inner = dataclasses.replace(plan, mesh=(("data", 1),) + plan.mesh[1:], zero=0)
             sub = subcluster(self.cluster, inner.num_devices)
-            factor = microbatch_size * sizes["fsdp"] / self.graph.batch_size
+            factor = microbatch_size * inner.data_parallel_size / self.graph.batch_size
             self._microbatch[key] = piece_cost(rescale(group, factor), inner, sub,
                                                self.options, sync_time(group, inner, sub))
         step = (index, plan.mesh, plan.zero)

@@ -35,7 +35,8 @@ import time
 from collections.abc import Sequence
 
 from jaxpar.named import named_plan
-from jaxpar.plan import SCHEDULES, Alternative, Plan, PlanError
+from jaxpar.pipelining import SCHEDULES
+from jaxpar.plan import Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
 from jaxpar.planners.graph import ModelGraph
@@ -56,7 +57,13 @@ from jaxpar.planners.schedules.generators import (
     make_schedule,
     schedule_allows,
 )
-from jaxpar.planners.sharding.search import MAX_MICROBATCHES, describe, divisors, plan_sharding
+from jaxpar.planners.sharding.search import (
+    MAX_MICROBATCHES,
+    describe,
+    divisors,
+    mesh_shapes,
+    plan_sharding,
+)
 
 GiB = 2**30
 
@@ -117,13 +124,13 @@ def _no_fit(model: PieceCosts, cfg: Candidate, layers: int, budget: float) -> st
     memory = {k: float(x) for k, x in proxy_memory(model.layer * per, model.first, cfg.v,
                                                     stashed, held, model).items()}
     parts = ", ".join(f"{k} {x / GiB:.2f}" for k, x in memory.items())
-    stage, sizes = cfg.stage_plan, cfg.stage_plan.mesh_shape
+    stage = cfg.stage_plan
     fixes = [fix for fix, useful in (
         ("remat", not stage.remat),
-        ("ZeRO-1", not stage.zero and sizes["data"] > 1),
+        ("ZeRO-1", not stage.zero and stage.axis_size("data") > 1),
         ("more stages", chunks < layers),
         ("smaller microbatches", cfg.microbatch_size > 1),
-        ("more tensor parallelism", sizes["tensor"] < stage.num_devices)) if useful]
+        ("more tensor parallelism", stage.axis_size("tensor") < stage.num_devices)) if useful]
     return (f"no cut of {layers} layers into {chunks} chunks fits {budget / GiB:.2f} GiB per "
             f"device with {stage.name} stages, {cfg.schedule} m={cfg.m}: rank 0 with "
             f"{per}-layer chunks and {stashed} microbatch chunks stashed needs "
@@ -132,28 +139,27 @@ def _no_fit(model: PieceCosts, cfg: Candidate, layers: int, budget: float) -> st
 
 
 def _stage_meshes(graph: ModelGraph, cluster: Cluster, devices: int) -> list[Plan]:
-    """Intra-stage meshes of `devices` devices, data x fsdp x tensor with fsdp x tensor inside
-    one node (a stage re-gathers fsdp shards every microbatch: over the NIC that never pays),
-    that lay out every parameter."""
+    """Intra-stage meshes of `devices` devices (the sharding search's `mesh_shapes`) whose
+    axes but `data` fit inside one node (a stage re-gathers fsdp shards every microbatch: over
+    the NIC that never pays), that lay out every parameter."""
     meshes = []
-    for t in divisors(min(devices, cluster.devices_per_node)):
-        for f in divisors(cluster.devices_per_node // t):
-            if devices % (t * f):
-                continue
-            plan = Plan(mesh=(("data", devices // (t * f)), ("fsdp", f), ("tensor", t)))
-            try:
-                for info in graph.params:
-                    plan.check_param(info)
-            except PlanError:
-                continue
-            meshes.append(plan)
+    for shape in mesh_shapes(devices):
+        plan = Plan(mesh=shape)
+        if cluster.devices_per_node % (plan.num_devices // plan.axis_size("data")):
+            continue
+        try:
+            for info in graph.params:
+                plan.check_param(info)
+        except PlanError:
+            continue
+        meshes.append(plan)
     return meshes
 
 
 def _variants(mesh: Plan) -> list[Plan]:
     """The mesh's ZeRO / remat variants, fastest first: each later one only saves memory
     (ZeRO-1 adds an update all-gather, remat a forward pass)."""
-    zeros = (0, 1) if mesh.mesh_shape["data"] > 1 else (0,)
+    zeros = (0, 1) if mesh.axis_size("data") > 1 else (0,)
     plans = [dataclasses.replace(mesh, zero=z, remat=r) for r in (False, True) for z in zeros]
     return [dataclasses.replace(plan, name=describe(plan)) for plan in plans]
 
@@ -303,7 +309,7 @@ def _nothing_fits(pricer: Pricer, cluster: Cluster, budget: float) -> str:
         return (f"no pipeline of {cluster.num_devices} devices can lay out {layers} layers; "
                 f"use a device count with a divisor p <= {layers} whose stages fit whole nodes")
     mesh = max(_stage_meshes(graph, cluster, cluster.num_devices // p),
-               key=lambda plan: (plan.mesh_shape["tensor"], plan.mesh_shape["fsdp"]))
+               key=lambda plan: (plan.axis_size("tensor"), plan.axis_size("fsdp")))
     stage = _variants(mesh)[-1]
     m = graph.batch_size // stage.data_parallel_size
     cfg = Candidate(p, 1, m, "1f1b", 1, stage)

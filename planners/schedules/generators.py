@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from typing import Literal, NamedTuple
 
-from jaxpar.plan import SCHEDULES
+from jaxpar.pipelining import SCHEDULES
 
 Kind = Literal["F", "B", "W"]
 

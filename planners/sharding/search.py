@@ -30,6 +30,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from jaxpar.plan import (
     DEFAULT_RULES,
+    MESH_AXES,
     Alternative,
     Plan,
     PlanError,
@@ -46,10 +47,17 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def mesh_shapes(num_devices: int) -> list[tuple[tuple[str, int], ...]]:
-    """Every data x fsdp x tensor factorisation of `num_devices`."""
-    return [(("data", num_devices // (t * f)), ("fsdp", f), ("tensor", t))
-            for t in divisors(num_devices) for f in divisors(num_devices // t)]
+SEARCHED_AXES = ("data", "fsdp", "tensor")  # the mesh axes the sharding search sizes
+
+
+def mesh_shapes(num_devices: int, axes: Sequence[str] = SEARCHED_AXES
+                ) -> list[tuple[tuple[str, int], ...]]:
+    """Every factorisation of `num_devices` over the mesh `axes` (in that order), the last
+    axis' size varying slowest."""
+    if len(axes) <= 1:
+        return [tuple((axis, num_devices) for axis in axes)] if axes or num_devices == 1 else []
+    return [shape + ((axes[-1], d),) for d in divisors(num_devices)
+            for shape in mesh_shapes(num_devices // d, axes[:-1])]
 
 
 def replicate_over_fsdp(rules: Rules) -> Rules:
@@ -72,9 +80,8 @@ def pattern_group(pattern: str) -> str:
 
 def describe(plan: Plan) -> str:
     """A short name: 'dp2+fsdp2+tp2 m4 remat zero1 (embed,positions unsharded)'."""
-    sizes = plan.mesh_shape
-    parts = [f"{k}{sizes[a]}" for k, a in (("dp", "data"), ("fsdp", "fsdp"), ("tp", "tensor"))
-             if sizes.get(a, 1) > 1] or ["single"]
+    parts = [f"{prefix}{plan.axis_size(axis)}" for axis, prefix in MESH_AXES.items()
+             if plan.axis_size(axis) > 1] or ["single"]
     name = "+".join(parts)
     if plan.microbatches > 1:
         name += f" m{plan.microbatches}"
@@ -83,7 +90,7 @@ def describe(plan: Plan) -> str:
     if plan.zero:
         name += " zero1"
     replicated = [pattern_group(pattern) for pattern, _ in plan.group_rules]
-    if replicated and sizes.get("fsdp", 1) > 1:
+    if replicated and plan.axis_size("fsdp") > 1:
         name += f" ({','.join(replicated)} unsharded)"
     return name
 
@@ -115,7 +122,7 @@ def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
             microbatches: Sequence[int]) -> list[_Combo] | None:
     """Every valid (group, fsdp, remat, microbatches) combination with its cost; None if
     some group has no valid layout on this mesh."""
-    fsdp_choices = (True, False) if base.mesh_shape["fsdp"] > 1 else (True,)
+    fsdp_choices = (True, False) if base.axis_size("fsdp") > 1 else (True,)
     remat_choices = (False, True) if any(is_stacked(g) for g in graph.groups) else (False,)
     combos = []
     for gi, group in enumerate(graph.groups):
