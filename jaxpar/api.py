@@ -14,15 +14,16 @@ from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.pipeline import checked
 from jaxpar.emit.spmd import parallelize_spmd
 from jaxpar.emit.step import parallelize_flat
+from jaxpar.pipelining import FORMS
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
 from jaxpar.planners.pipeline.search import plan_pipeline
 from jaxpar.planners.sharding.search import MAX_MICROBATCHES, plan_sharding
-from jaxpar.runtime.driver import parallelize_mpmd
+from jaxpar.runtime.driver import parallelize_mpmd, updates_chunks_alone
 from jaxpar.tracing.graph import trace_graph
 from jaxpar.tracing.params import LossFn, ModelFn
-from jaxpar.tracing.stages import Stages
+from jaxpar.tracing.stages import Pieces, Stages
 
 
 def parallelize(
@@ -77,7 +78,8 @@ def auto_parallelize(
     With `pipeline=True` (the loss a `jaxpar.Stages`) pipelines are searched too
     (`planners.pipeline.search.plan_pipeline`, which prices each pipeline in both the MPMD
     and the SPMD form) and the fastest runs, in its form; either way `plan.explain()` says
-    why pipelining won or lost."""
+    why pipelining won or lost. An optimizer whose update couples parameters across chunks
+    (optax.clip_by_global_norm) rules the MPMD form out: it updates each chunk alone."""
     if max_microbatches < 1:
         raise ValueError(f"max_microbatches={max_microbatches}: allow at least 1")
     if pipeline and not isinstance(loss_fn, Stages):
@@ -92,8 +94,10 @@ def auto_parallelize(
     params_shape = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in graph.params}
     options = Options(optimizer_slots=optimizer_slots(optimizer, params_shape))
     if pipeline:
+        alone = updates_chunks_alone(optimizer, Pieces.of(model_fn, loss_fn))
         plan = plan_pipeline(graph, cluster, memory_budget, options,
-                             max_microbatches=max_microbatches)
+                             max_microbatches=max_microbatches,
+                             forms=FORMS if alone else ("spmd",))
     else:
         plan = plan_sharding(graph, cluster, memory_budget, options, max_microbatches)
     return parallelize(model_fn, optimizer, loss_fn, plan, batch, devices)

@@ -4,6 +4,7 @@ tp or nothing inside the stages, plus remat, ZeRO-1 and an uneven cut; not the c
 product, since every chunk's programs compile separately (each case compiles once and
 serves every test)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -17,8 +18,17 @@ from jaxpar.emit.parallelized import Parallelized
 from jaxpar.models import gpt
 from jaxpar.plan import DEFAULT_RULES, Pipeline, PlanError
 from jaxpar.planners.schedules.simulator import peak_stash
+from jaxpar.runtime.driver import updates_chunks_alone
+from jaxpar.tracing.stages import Pieces
 
-from oracle import ATOL, RTOL, assert_same_run, single_device_run, token_batches
+from oracle import (
+    ATOL,
+    RTOL,
+    assert_same_run,
+    parallel_run,
+    single_device_run,
+    token_batches,
+)
 
 BATCH, LENGTH, VOCAB, EMBED, LAYERS = 16, 8, 64, 32, 8
 MODEL = gpt.build("tiny", layers=LAYERS, embed=EMBED, heads=4, length=LENGTH, vocab=VOCAB)
@@ -121,3 +131,21 @@ def test_bad_input_is_a_plan_error_before_compiling(model, loss, spec, options, 
     with pytest.raises(PlanError, match=message):
         jaxpar.parallelize(model, adamw(), loss, plan, token_batches(48, LENGTH, 1)[0])
     assert not compiles
+
+
+def test_an_update_coupling_the_chunks_is_refused_by_mpmd_and_trains_in_spmd():
+    """clip_by_global_norm needs the whole model's gradient norm, which no chunk sees alone:
+    the MPMD form refuses it (the check runs the optimizer eagerly on a few small arrays,
+    before any of the chunks' programs); the SPMD form trains like one device."""
+    clipped = optax.chain(optax.clip_by_global_norm(0.05), optax.adamw(1e-2))
+    pieces = Pieces.of(MODEL, gpt.lm_stages)
+    assert updates_chunks_alone(optax.adamw(1e-3), pieces)
+    assert not updates_chunks_alone(clipped, pieces)
+    assert not updates_chunks_alone(optax.lamb(1e-3), pieces)  # a trust ratio per stack
+    plan = jaxpar.named_plan("pp2+dp4", 8, microbatches=4, pipeline=Pipeline("1f1b"))
+    with pytest.raises(PlanError, match="couples parameters across pipeline chunks.*spmd"):
+        jaxpar.parallelize(MODEL, clipped, gpt.lm_stages, plan, BATCHES[0])
+    spmd = dataclasses.replace(plan, pipeline=Pipeline("1f1b", form="spmd"))
+    par = jaxpar.parallelize(MODEL, clipped, gpt.lm_stages, spmd, BATCHES[0])
+    want = single_device_run(MODEL, clipped, gpt.lm_loss, BATCHES)
+    assert_same_run(parallel_run(par, BATCHES), want, elementwise=False)

@@ -290,3 +290,14 @@ def test_both_forms_are_priced_and_the_faster_runs():
     for only_mpmd in (zero, uneven):
         assert list(only_mpmd.predicted.forms) == ["mpmd"]
         assert "SPMD form not priced" in only_mpmd.explain()
+
+
+def test_a_search_limited_to_one_form_prices_and_returns_that_form_only():
+    row = next(r for r in ROWS if r["params_billion"] == 145.6)
+    graph, cluster = row_graph(row), a100_80gb(row["gpus"] // 8)
+    free = plan_pipeline(graph, cluster, options=MIXED)
+    for forms in (("spmd",), ("mpmd",)):
+        plan = plan_pipeline(graph, cluster, options=MIXED, forms=forms)
+        assert plan.pipeline is not None and plan.pipeline.form == forms[0]
+        assert list(plan.predicted.forms) == list(forms)
+        assert plan.predicted.step_s >= free.predicted.step_s * (1 - 1e-9)

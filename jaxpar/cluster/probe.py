@@ -11,7 +11,6 @@ at nothing. Neither is a model the planner benchmark sweeps.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,12 +29,15 @@ from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import step_terms
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.sharding.search import describe, mesh_shapes
+from jaxpar.timing import Timed, no_collector, wait_quiet
 from jaxpar.tracing.graph import trace_graph
 
 # config, and sequences per device: a batch of 16 and 8 on 8 devices
 PROBES = {"narrow": (GPTConfig(vocab=768, length=96, embed=192, heads=8, layers=3), 2),
           "wide": (GPTConfig(vocab=1536, length=48, embed=384, heads=8, layers=2), 1)}
-SAMPLES = 5  # timed steps per plan, after one warm-up step
+SAMPLES = 5  # timed steps per plan with quiet cores (jaxpar.timing), after one warm-up step
+MAX_SAMPLES = 3 * SAMPLES  # steps taken at most while other processes keep the cores busy
+QUIET_WAIT = 2.0  # seconds to wait for quiet cores before a plan's steps
 
 
 def probe_plans(num_devices: int, batch: int) -> list[Plan]:
@@ -57,7 +59,9 @@ def probe_plans(num_devices: int, batch: int) -> list[Plan]:
 def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> list[dict]:
     """{probe, batch, mesh, microbatches, plan, seconds (median), samples} for every probe
     and plan; `advance()` is called after each plan (a progress bar). A probe's programs
-    compile two at a time (XLA releases the GIL while it compiles); steps run one by one."""
+    compile two at a time (XLA releases the GIL while it compiles); steps run one by one,
+    each plan's after waiting for quiet cores, until SAMPLES of them ran while other
+    processes left the cores quiet (`jaxpar.timing`; at most MAX_SAMPLES steps)."""
     steps = []
     for name, (cfg, per_device) in PROBES.items():
         batch = per_device * len(devices)
@@ -75,19 +79,15 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
         with ThreadPoolExecutor(2) as pool:
             compiled = list(pool.map(lambda run: run[3].compile(), runs))
         for (plan, par, data, _), step in zip(runs, compiled):
-            state = random_state(par)
-            state, _ = step(state, data)  # warm-up
-            jax.block_until_ready(state)
-            samples = []
-            for _ in range(SAMPLES):
-                start = time.perf_counter()
-                state, _ = step(state, data)
-                jax.block_until_ready(state)
-                samples.append(time.perf_counter() - start)
+            clock = Timed(plan.name, step, random_state(par), data).warm_up()
+            wait_quiet(QUIET_WAIT)
+            with no_collector():
+                while len(clock.clean) < SAMPLES and len(clock.samples) < MAX_SAMPLES:
+                    clock.samples.append(clock.step())
             steps.append({"probe": name, "batch": batch,
                           "mesh": [list(axis) for axis in plan.mesh],
                           "microbatches": plan.microbatches, "plan": plan.name,
-                          "seconds": float(np.median(samples)), "samples": samples})
+                          "seconds": clock.median(), "samples": clock.times})
             advance()
     return steps
 

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -27,6 +28,29 @@ def init_state(model_fn: ModelFn, optimizer: optax.GradientTransformation, rng: 
         model = model_fn(nnx.Rngs(rng))
     params = layout(nnx.state(model, nnx.Param).to_pure_dict())
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def updates_parts_alone(optimizer: optax.GradientTransformation, params: dict,
+                        parts: Callable[[dict], list[dict]], steps: int = 3) -> bool:
+    """Whether `optimizer` updates each part of `params` (`parts(tree)`: a list of trees) alike
+    on its own and inside the whole tree, over `steps` updates. The gradients are random with
+    a random scale per leaf and step (1e-2 to 1e2), so an update that couples the parts
+    (optax.clip_by_global_norm; a trust ratio over a leaf the parts split) shows."""
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-2, 2)
+                                     ).astype(p.dtype), params) for _ in range(steps)]
+
+    def run(p: dict, gradients: list[dict]) -> dict:
+        state = optimizer.init(p)
+        for g in gradients:
+            updates, state = optimizer.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    whole = parts(run(params, grads))
+    alone = [run(part, [parts(g)[i] for g in grads]) for i, part in enumerate(parts(params))]
+    return all(np.allclose(a, w, rtol=1e-4, atol=1e-6)
+               for a, w in zip(jax.tree.leaves(alone), jax.tree.leaves(whole)))
 
 
 def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,

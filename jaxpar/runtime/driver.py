@@ -26,9 +26,9 @@ from jax.sharding import AxisType, Mesh
 from jaxpar.emit.mpmd import ChunkPrograms, StageMesh, add, check_chunks, chunk_programs
 from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.shardings import make_mesh, state_sharding_of
-from jaxpar.emit.state import TrainState, apply_gradients
+from jaxpar.emit.state import TrainState, apply_gradients, updates_parts_alone
 from jaxpar.emit.step import split_microbatches
-from jaxpar.plan import Plan
+from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.schedules.generators import Op, Schedule
 from jaxpar.tracing.params import ModelFn
 from jaxpar.tracing.stages import Pieces
@@ -161,9 +161,7 @@ class Driver:
 
     def chunk_params(self, params: dict, c: int) -> dict:
         """Chunk c's own parameters: its layers, and for chunk 0 everything outside them."""
-        stacked = self.pieces.stacked(params)
-        layers = {self.stack: self.pieces.layers(stacked, self.bounds[c], self.bounds[c + 1])}
-        return {**self.pieces.outer(params), **layers} if c == 0 else layers
+        return self.pieces.part(params, self.bounds[c], self.bounds[c + 1])
 
     def join(self, chunk_dicts: Sequence[dict]) -> dict:
         """A model-structured dict on the host from per-chunk dicts."""
@@ -239,6 +237,23 @@ class Driver:
         return loss, self.join(grads)
 
 
+def updates_chunks_alone(optimizer: optax.GradientTransformation, pieces: Pieces) -> bool:
+    """Whether updating each chunk's parameters on their own, as the MPMD form does, is the
+    whole model's update: `updates_parts_alone` on small random parameters of the model's
+    structure (every dimension cut to 2 but the stack's layers), parted mid-stack."""
+    rng = np.random.default_rng(0)
+
+    def small(tree: dict, keep_layers: bool) -> dict:
+        return jax.tree.map(lambda s: rng.normal(size=tuple(
+            d if keep_layers and i == 0 else min(d, 2) for i, d in enumerate(s.shape))
+        ).astype(s.dtype), tree)
+
+    shape, n = pieces.params_shape, pieces.num_layers
+    params = pieces.join(small(pieces.outer(shape), False), small(pieces.stacked(shape), True))
+    return n < 2 or updates_parts_alone(optimizer, params, lambda tree: [
+        pieces.part(tree, 0, n // 2), pieces.part(tree, n // 2, n)])
+
+
 def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation, plan: Plan,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
                      batch: Any, devices: Sequence[jax.Device]) -> Parallelized:
@@ -247,6 +262,11 @@ def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     stage; `step`'s metrics add `peak_stash` and `peak_stash_bytes`: per rank, the most
     (microbatch, chunk) residual sets and bytes it held at once."""
     del batch
+    if not updates_chunks_alone(optimizer, pieces):
+        raise PlanError("the optimizer's update couples parameters across pipeline chunks "
+                        "(e.g. optax.clip_by_global_norm), but the MPMD form updates each "
+                        "stage's chunks on their own; use form='spmd' or a plan without a "
+                        "pipeline")
     rt = Driver(model_fn, optimizer, plan, pieces, chunk_layers, schedule, devices)
     return Parallelized(plan=plan, mesh=rt.mesh, schedule=schedule,
                         state_sharding=tuple(rt.state_shardings),

@@ -94,6 +94,12 @@ class Pieces:
         """Layers [start, stop) of a stack."""
         return jax.tree.map(lambda x: x[start:stop], stacked)
 
+    def part(self, params: dict, start: int, stop: int) -> dict:
+        """The parameters of a chunk of layers [start, stop): those layers, and for the
+        first chunk everything outside the stack too."""
+        layers = {self.stages.stack: self.layers(self.stacked(params), start, stop)}
+        return {**self.outer(params), **layers} if start == 0 else layers
+
     # ------------------------------------------------------------- functions
     def _model(self, outer: dict) -> nnx.Module:
         # the stack stays abstract: `pre` / `post` touching it fail loudly, not silently

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from jaxpar.pipelining import FORMS
 from jaxpar.plan import Alternative, Pipeline, Plan, Predicted
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.pipeline.cost import (
@@ -94,19 +95,21 @@ def step_flops(graph: ModelGraph, remat: bool) -> tuple[float, float]:
 
 
 def finish(pricer: Pricer, cfg: Candidate, model: PieceCosts, bounds: Sequence[tuple[int, int]],
-           budget: float = math.inf) -> PricedPipeline:
-    """Price the cut in both forms and keep the faster that fits `budget` (the faster of
-    all if neither does). MPMD: the simulated schedule, or the host launching its ops one by
-    one if that takes longer. SPMD (equal chunks and ZeRO 0 only, as its runtime needs): the
-    tick table in lock-step, every rank holding the parameters outside the stack and
-    all-reducing their gradient over `stage`."""
-    priced = [_form(pricer, cfg, model, bounds, "mpmd")]
+           budget: float = math.inf, forms: Sequence[str] = FORMS) -> PricedPipeline | None:
+    """Price the cut in each of `forms` and keep the faster that fits `budget` (the faster of
+    all if neither does; None if no form can run it). MPMD: the simulated schedule, or the
+    host launching its ops one by one if that takes longer. SPMD (equal chunks and ZeRO 0
+    only, as its runtime needs): the tick table in lock-step, every rank holding the
+    parameters outside the stack and all-reducing their gradient over `stage`."""
+    priced = [_form(pricer, cfg, model, bounds, "mpmd")] if "mpmd" in forms else []
     chunks = cfg.p * cfg.v
     layers = pricer.parts.layers
-    if cfg.stage_plan.zero == 0 and layers % chunks == 0:
+    if "spmd" in forms and cfg.stage_plan.zero == 0 and layers % chunks == 0:
         k = layers // chunks
         priced.append(_form(pricer, cfg, model, [(c * k, (c + 1) * k) for c in range(chunks)],
                             "spmd"))
+    if not priced:
+        return None
     fitting = [plan for plan in priced if plan.memory_bytes <= budget] or priced
     best = min(fitting, key=lambda plan: plan.step_s)
     forms = tuple((plan.form, plan.step_s, plan.memory_bytes) for plan in priced)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 
 from jaxpar.named import named_plan
-from jaxpar.pipelining import SCHEDULES
+from jaxpar.pipelining import FORMS, SCHEDULES
 from jaxpar.plan import Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
@@ -211,11 +211,13 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
                   options: Options | None = None, *, schedules: Sequence[str] = SCHEDULES,
                   virtual: Sequence[int] | None = None, max_microbatch_size: int = 8,
                   max_microbatches: int | None = None, cuts: int = 24,
-                  simulated_ops: int = 300_000, alternatives: int = 8) -> Plan:
+                  simulated_ops: int = 300_000, alternatives: int = 8,
+                  forms: Sequence[str] = FORMS) -> Plan:
     """The fastest plan that fits `memory_budget` per device, pipelined or not: the best
     pipeline (in the faster of its two forms) against the best plan without one
     (`plan_sharding` on the whole cluster); the loser leads the runners-up, so
-    `explain()` says why pipelining won or lost.
+    `explain()` says why pipelining won or lost. Pipelines run in one of `forms` only
+    (`jaxpar.auto_parallelize` drops MPMD for an optimizer whose update couples chunks).
 
     Round 2 cuts the `cuts` best estimates (stopping past 1.25 x the best bound so far);
     round 3 simulates the cuts best bound first until the next bound cannot beat the best
@@ -250,7 +252,10 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
             losers.append((cfg.name, bound, math.nan, "lower bound"))
             continue
         plan = finish(pricer, cfg, pricer.model(cfg.p, cfg.stage_plan, cfg.microbatch_size),
-                      cut, budget)
+                      cut, budget, forms)
+        if plan is None:
+            losers.append((cfg.name, bound, math.nan, f"no form of {', '.join(forms)} runs it"))
+            continue
         ops += (3 if cfg.schedule == "zero_bubble_h1" else 2) * cfg.p * cfg.v * cfg.m
         if plan.memory_bytes > budget:
             losers.append((cfg.name, plan.step_s, plan.memory_bytes, f"needs "
