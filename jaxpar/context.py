@@ -22,13 +22,19 @@ from jaxpar.plan import Layout, Plan, PlanError
 
 
 def _save_all_but_gathers(primitive, *_, **__) -> bool:
-    """Remat policy of a layer without remat: save every intermediate except all-gather
-    results, so the backward pass gathers the weights again rather than holding every layer's
-    gathered copy from forward to backward. The weights must be refused at the all_gather:
-    refusing a name (`checkpoint_name`) on them saves the gather's output, the same bytes,
-    in its place. Inside a layer the only all-gathers are jaxpar's (models leave the
-    automatic axes to GSPMD)."""
+    """Remat policy "none": save every intermediate except all-gather results, so the
+    backward pass gathers the weights again rather than holding every layer's gathered copy
+    from forward to backward. The weights must be refused at the all_gather: refusing a
+    name (`checkpoint_name`) on them saves the gather's output, the same bytes, in its
+    place. Inside a layer the only all-gathers are jaxpar's (models leave the automatic
+    axes to GSPMD)."""
     return primitive is not jax.lax.all_gather_p
+
+
+# each policy of `plan.REMAT` as a jax.checkpoint policy (None: save nothing but the inputs);
+# dots_saveable saves no all-gather either
+_POLICIES = {"none": _save_all_but_gathers, "dots": jax.checkpoint_policies.dots_saveable,
+             "full": None}
 
 
 @dataclasses.dataclass
@@ -132,13 +138,14 @@ def gather_module(module: nnx.Module) -> nnx.Module:
 
 def layer(fn: Callable) -> Callable:
     """Mark `fn(module, *args)` as the model's repeated layer: its parameters are gathered
-    here, just before use, and recomputed in the backward pass when the plan asks for remat
-    (without remat only the gathered copies are recomputed, so they are never all live)."""
+    here, just before use, and what the plan's remat policy does not save is recomputed in
+    the backward pass (under every policy the gathered copies are, so they are never all
+    live)."""
     current = _ACTIVE.get()
     if current is None:
         return fn
     current.layer_called = True
-    if not current.manual and not current.plan.remat:
+    if not current.manual and current.plan.remat == "none":
         # nothing is gathered, so nothing to recompute; a remat here would also copy the
         # weights into the VJP residuals instead of passing the inputs through (jaxpar.emit.mpmd)
         return fn
@@ -146,6 +153,4 @@ def layer(fn: Callable) -> Callable:
     def gathered(module, *args):
         return fn(gather_module(module), *args)
 
-    if current.plan.remat:
-        return nnx.remat(gathered)
-    return nnx.remat(gathered, policy=_save_all_but_gathers)
+    return nnx.remat(gathered, policy=_POLICIES[current.plan.remat])

@@ -38,6 +38,13 @@ DEFAULT_RULES: Rules = (
 MESH_AXES = {"stage": "pp", "data": "dp", "fsdp": "fsdp", "sequence": "sp", "tensor": "tp",
              "expert": "ep"}
 
+# What a layer keeps from its forward pass for the backward, least recomputation first:
+# "none" keeps every intermediate, "dots" only the outputs of its matmuls (jax's
+# `checkpoint_policies.dots_saveable`: the elementwise work between them is recomputed),
+# "full" only its input (the whole forward is recomputed). Under every policy a layer
+# gathers its fsdp shards again in the backward pass rather than keeping them.
+REMAT = ("none", "dots", "full")
+
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
     """One parameter as the plan sees it: path, global shape, dtype and logical axes."""
@@ -57,19 +64,21 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "float64"
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Mesh, logical-axis rules, ZeRO level, remat and microbatches of one training step.
+    """Mesh, logical-axis rules, ZeRO level, remat policy and microbatches of one training step.
 
     `rules` hold for every parameter and activation; `group_rules` override them for the
     parameters whose path matches a regular expression (first match wins).
     `zero`: 0 keeps optimizer state laid out like its parameter; 1 also splits it over
     the data-parallel mesh axes (ZeRO-1). Parameter sharding over `fsdp` is ZeRO-3.
+    `remat`: what each layer saves for its backward pass, one of `REMAT` (True and False
+    are read as "full" and "none").
     """
 
     mesh: tuple[tuple[str, int], ...]
     rules: Rules = DEFAULT_RULES
     group_rules: tuple[tuple[str, Rules], ...] = ()
     zero: int = 0
-    remat: bool = False
+    remat: str = "none"
     microbatches: int = 1
     name: str = ""
     params: tuple[ParamInfo, ...] = ()
@@ -82,6 +91,11 @@ class Plan:
         object.__setattr__(self, "rules", as_rules(self.rules))
         object.__setattr__(self, "group_rules", tuple(
             (pattern, as_rules(r)) for pattern, r in self.group_rules))
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT:
+            raise PlanError(f"unknown remat policy {self.remat!r}; use one of "
+                            f"{', '.join(map(repr, REMAT))}")
 
     # ----------------------------------------------------------------- mesh
     @functools.cached_property
@@ -248,6 +262,11 @@ class Plan:
         if self.pipeline.form == "spmd" and self.zero:
             raise PlanError(f"the SPMD pipeline keeps optimizer state laid out like its "
                             f"parameters; the plan has zero={self.zero}: use zero=0 or "
+                            "form='mpmd'")
+        if self.pipeline.form == "spmd" and self.remat == "none":
+            raise PlanError("the SPMD pipeline copies each chunk's saved activations through "
+                            "a buffer every tick, so it keeps matmul outputs at most; the "
+                            "plan has remat='none': use remat='dots' or 'full', or "
                             "form='mpmd'")
         return plan
 

@@ -28,7 +28,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-from jaxpar.plan import ParamInfo, Plan, Predicted
+from jaxpar.plan import REMAT, ParamInfo, Plan, Predicted
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
 
@@ -122,7 +122,8 @@ def streamed_bytes(gradient: float, shard: float, update: float, microbatches: i
 
 
 def is_stacked(group: Group) -> bool:
-    """Whether `group` is a stack of layers run by a scan: the only kind remat applies to."""
+    """Whether `group` is a stack of layers run by a scan: the only kind a remat policy
+    applies to."""
     return group.repeat > 1 or any(p.logical_axes[:1] == ("layers",) for p in group.params)
 
 
@@ -133,8 +134,8 @@ def group_terms(group: Group, plan: Plan, cluster: Cluster,
 
 
 def group_variants(group: Group, plan: Plan, cluster: Cluster, options: Options | None,
-                   variants: Sequence[tuple[bool, int]]) -> list[Terms]:
-    """`group_terms` under `plan` with each (remat, microbatches) of `variants` in turn: the
+                   variants: Sequence[tuple[str, int]]) -> list[Terms]:
+    """`group_terms` under `plan` with each (remat policy, microbatches) of `variants` in turn: the
     layout is priced once (what each collective moves, on which links), the counts per
     variant."""
     priced = _price_layout(group, plan, cluster, options or Options())
@@ -144,7 +145,7 @@ def group_variants(group: Group, plan: Plan, cluster: Cluster, options: Options 
 @dataclasses.dataclass(frozen=True)
 class _Booking:
     """A collective over `n` devices on links of `bandwidth` and `latency`, `count` times
-    per step, times the microbatches when `per_microbatch`, twice under remat when
+    per step, times the microbatches when `per_microbatch`, twice under full remat when
     `recomputed`; its buffer is `nbytes` per step, a microbatch's share when `split`."""
 
     kind: str
@@ -160,7 +161,8 @@ class _Booking:
 
 @dataclasses.dataclass(frozen=True)
 class _PricedLayout:
-    """What a group's cost under one layout is made of, before remat and microbatches."""
+    """What a group's cost under one layout is made of, before the remat policy and
+    microbatches."""
 
     stacked: bool
     compute_s: float  # one pass (forward) of every layer
@@ -170,15 +172,18 @@ class _PricedLayout:
     slots: int
     memory: dict[str, float]
     parameter_temporary: float
-    activations: float  # saved for backward over one step's batch, all layers
-    activations_remat: float  # the same under remat
+    activations: dict[str, float]  # saved for backward over one step's batch, all layers,
+    # under each remat policy
     layer_activations: float  # one layer's full set: the backward's working memory
 
-    def terms(self, remat: bool, m: int) -> Terms:
-        remat = remat and self.stacked
-        t = Terms(compute_s=(3 + remat) * self.compute_s)
+    def terms(self, remat: str, m: int) -> Terms:
+        """Under "dots" the backward recomputes elementwise work only, which the model
+        does not price (nor in the forward pass): no matmul and no collective is redone."""
+        remat = remat if self.stacked else "none"
+        recomputed = remat == "full"
+        t = Terms(compute_s=(3 + recomputed) * self.compute_s)
         for b in self.bookings:
-            times = b.count * (m if b.per_microbatch else 1) * (2 if remat and b.recomputed
+            times = b.count * (m if b.per_microbatch else 1) * (2 if recomputed and b.recomputed
                                                                  else 1)
             nbytes = b.nbytes / m if b.split else b.nbytes
             t.latency_s += times * b.latency
@@ -191,7 +196,7 @@ class _PricedLayout:
                                          ) / self.memory_bandwidth
             t.microbatch_memory_s += (gradient + 3 * shard) / self.memory_bandwidth
         t.memory.update(self.memory)
-        t.memory["activations"] += (self.activations_remat if remat else self.activations) / m
+        t.memory["activations"] += self.activations[remat] / m
         t.temporary = max(self.parameter_temporary, self.layer_activations / m)
         return t
 
@@ -212,7 +217,7 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
             bandwidth, latency = link(cluster, plan, axes, kind)
             bookings.append(_Booking(kind, n, bandwidth, latency, nbytes, count, **how))
 
-    # ---- compute: forward, backward (2x forward), and the recomputed forward under remat
+    # ---- compute: forward, backward (2x forward), and the recomputed forward under full remat
     param_flops, split_flops = 0.0, 0.0
     by_param = {p.path: p for p in group.params}
     for mm in group.matmuls:
@@ -264,11 +269,11 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
 
     # ---- activations saved for backward, one microbatch at a time (the scan); the backward
     # pass of a layer holds that layer's full set (recomputed under remat) as working memory
-    saved = activation_bytes(group.saved, plan)
+    saved = {remat: group.repeat * activation_bytes(group.saved_under(remat), plan)
+             for remat in REMAT}
     return _PricedLayout(stacked, compute_s, tuple(bookings), tuple(streamed),
                          cluster.memory_bandwidth, options.optimizer_slots, memory, temporary,
-                         group.repeat * saved,
-                         group.repeat * activation_bytes(group.saved_remat, plan), saved)
+                         saved, activation_bytes(group.saved, plan))
 
 
 def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:

@@ -42,7 +42,9 @@ class Tensor:
 class Group:
     """One layer group: its parameters (full shapes, stacked ones with the `layers` axis
     first), the matmuls of one layer, its forward FLOPs (all contractions, attention's too)
-    and one layer's activations autodiff saves for backward, without and with remat."""
+    and one layer's activations autodiff saves for backward under each remat policy
+    (`plan.REMAT`: `saved` without remat, `saved_dots` keeping matmul outputs only,
+    `saved_remat` under full remat)."""
 
     name: str
     repeat: int
@@ -51,6 +53,7 @@ class Group:
     flops_fwd: float
     saved: tuple[Tensor, ...]
     saved_remat: tuple[Tensor, ...]
+    saved_dots: tuple[Tensor, ...]
 
     @property
     def param_bytes(self) -> int:
@@ -63,6 +66,10 @@ class Group:
     @property
     def saved_bytes_remat(self) -> float:
         return sum(t.nbytes for t in self.saved_remat)
+
+    def saved_under(self, remat: str) -> tuple[Tensor, ...]:
+        """What one layer saves for backward under the remat policy `remat`."""
+        return {"none": self.saved, "dots": self.saved_dots, "full": self.saved_remat}[remat]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +103,7 @@ class ModelGraph:
             matmuls = tuple(Matmul(m["param"], tuple(m["contracting"]), tuple(m["free"]),
                                    m["flops"], m["out_bytes"], m["in_bytes"]) for m in g["matmuls"])
             saved = {k: tuple(Tensor(tuple(t["shape"]), t["nbytes"], tuple(t["logical_axes"]))
-                              for t in g[k]) for k in ("saved", "saved_remat")}
+                              for t in g[k]) for k in ("saved", "saved_remat", "saved_dots")}
             groups.append(Group(g["name"], g["repeat"], params, matmuls, g["flops_fwd"],
-                                saved["saved"], saved["saved_remat"]))
+                                saved["saved"], saved["saved_remat"], saved["saved_dots"]))
         return cls(tuple(groups), d["batch_size"], d["batch_bytes"])

@@ -28,7 +28,9 @@ def gpt_graph(hidden, heads, layers, batch, length=2048, vocab=51200):
 
     A layer saves 34 s b h + 5 a s^2 b bytes without remat (Korthikanti et al. 2022: 10 s b h
     on `embed` activations and masks, 24 s b h on heads / mlp, 5 a s^2 b on attention scores),
-    its 2 s b h input with remat; FLOPs 24 b s h^2 + 4 b s^2 h per layer forward."""
+    22 s b h + 2 a s^2 b keeping matmul outputs only (its input; query, key, value, the
+    scores, their product with value, the output projection, both MLP matmuls), its 2 s b h
+    input with full remat; FLOPs 24 b s h^2 + 4 b s^2 h per layer forward."""
     bt, h = batch * length, hidden
 
     def t(axes, nbytes):
@@ -60,19 +62,22 @@ def gpt_graph(hidden, heads, layers, batch, length=2048, vocab=51200):
     saved = ((t(seq, 2 * bt * h),) * 4 + (t(seq, bt * h),) * 2 + (t(qkv, 2 * bt * h),) * 4
              + (t(scores, 2 * heads * length * bt), t(scores, heads * length * bt),
                 t(scores, 2 * heads * length * bt)) + (t(mlp, 8 * bt * h),) * 2)
+    dots = ((t(seq, 2 * bt * h),) * 3 + (t(qkv, 2 * bt * h),) * 4
+            + (t(scores, 2 * heads * length * bt), t(mlp, 8 * bt * h)))
     blocks = Group("blocks", layers, params, matmuls, 24 * bt * h * h + 4 * bt * length * h,
-                   saved, (t(seq, 2 * bt * h),))
+                   saved, (t(seq, 2 * bt * h),), dots)
     logits = Matmul("embed/table", ("embed",), ("vocab",), 2 * bt * h * vocab, 2 * bt * vocab,
                     2 * bt * h)
     loss = (t(seq, 2 * bt * h), t(("batch", "length", "vocab"), 4 * bt * vocab),
             t(("batch", "length"), 4 * bt))
     embed = Group("embed", 1, (p("embed/table", (vocab, h), ("vocab", "embed")),), (logits,),
-                  logits.flops, loss, loss)
+                  logits.flops, loss, loss, loss)
     positions = Group("positions", 1, (p("positions", (length, h), ("length", "embed")),), (),
-                      0.0, (), ())
+                      0.0, (), (), ())
     norm = (t(seq, 2 * bt * h), t(("batch", "length"), 8 * bt))
     final = Group("final_norm", 1, (p("final_norm/scale", (h,), ("embed",)),
-                                    p("final_norm/bias", (h,), ("embed",))), (), 0.0, norm, norm)
+                                    p("final_norm/bias", (h,), ("embed",))), (), 0.0, norm, norm,
+                  norm)
     return ModelGraph((embed, positions, blocks, final), batch, 2 * bt * 4)
 
 

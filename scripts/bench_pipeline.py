@@ -118,6 +118,7 @@ def measured(settings: Settings) -> dict:
     for form, schedule, v, m, spec in settings.pipelines:
         name = f"{form} {schedule}{f' v{v}' if v > 1 else ''} m{m} {spec}"
         plans[name] = named_plan(spec, NUM_DEVICES, microbatches=m,
+                                 remat="dots" if form == "spmd" else "none",
                                  pipeline=Pipeline(schedule, v, form))
     runs, compile_s = [], {}
     for name, plan in plans.items():
@@ -151,7 +152,7 @@ def megatron(settings: Settings) -> list[dict]:
         plan_s = time.process_time() - start
         pick, step, remat = plan.name, plan.predicted.step_s, plan.remat
         paper = paper_step(graph, cluster, row)
-        flops = {"pick": step_flops(graph, remat), "paper": step_flops(graph, True)}
+        flops = {"pick": step_flops(graph, remat), "paper": step_flops(graph, "full")}
         per = {k: 1e12 * row["gpus"] * s for k, s in (("pick", step), ("paper", paper))}
         out.append({
             "model": f"{row['params_billion']}B", "gpus": row["gpus"],

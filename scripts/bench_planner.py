@@ -34,6 +34,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from jaxpar.cluster.probe import example_batch
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import preset
 from jaxpar.named import named_plan
-from jaxpar.plan import Plan, Predicted
+from jaxpar.plan import REMAT, Plan, Predicted
 from jaxpar.planners.cluster import Cluster, a100_80gb
 from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import ModelGraph
@@ -71,9 +72,9 @@ def abstract_batch(batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct((batch, length), jnp.int32) for k in ("inputs", "targets")}
 
 
-def tflops(graph: ModelGraph, step_s: float, devices: int, remat: bool) -> dict:
+def tflops(graph: ModelGraph, step_s: float, devices: int, remat: str) -> dict:
     """Model TFLOP/s per device (3 x forward) and hardware TFLOP/s (plus the stack's
-    recomputed forward under remat, as Megatron-LM counts): `step_flops`, as the pipeline
+    recomputed forward under full remat, as Megatron-LM counts): `step_flops`, as the pipeline
     benchmark."""
     model, hardware = step_flops(graph, remat)
     per = step_s * devices * 1e12
@@ -106,8 +107,8 @@ def planning_time(nodes: int, options: Options) -> dict:
 
 # ================================================================ 3. Megatron-LM throughput
 def best_knobs(graph: ModelGraph, base: Plan, cluster: Cluster,
-               remat_choices: tuple[bool, ...] = (False, True)) -> tuple[Plan, Predicted, bool]:
-    """`base` with the fastest remat / microbatch setting (<= 16, as the planner) that fits
+               remat_choices: Sequence[str] = REMAT) -> tuple[Plan, Predicted, bool]:
+    """`base` with the fastest remat policy / microbatch setting (<= 16, as the planner) that fits
     the device memory; if none fits, the one with the least memory, marked not fitting."""
     local = graph.batch_size // base.data_parallel_size
     candidates = []
@@ -133,7 +134,7 @@ def megatron_row(row: dict) -> dict:
     entries = {"planner": (pick, pick.predicted, True)}
     for label, spec in (("dp", "dp"), ("fsdp", "fsdp"), ("tp", "dp+tp8")):
         entries[label] = best_knobs(graph, named_plan(spec, gpus), cluster)
-    entries["paper (t, d)"] = best_knobs(graph, paper, cluster, (True,))
+    entries["paper (t, d)"] = best_knobs(graph, paper, cluster, ("full",))
     plans = {}
     for label, (plan, pr, fits) in entries.items():
         plans[label] = {"plan": describe(plan), "fits": fits, "step_s": pr.step_s,

@@ -85,7 +85,8 @@ def excess(got: Any, want: Any) -> float:
 def run_case(case: tuple, params: dict, batch: dict, want: tuple[float, dict]) -> dict:
     form, schedule, v, p, m, spec = case
     start = time.perf_counter()
-    plan = jaxpar.named_plan(spec, NUM_DEVICES, microbatches=m,
+    plan = jaxpar.named_plan(spec, NUM_DEVICES, microbatches=m,  # SPMD keeps matmul outputs
+                             remat="dots" if form == "spmd" else "none",
                              pipeline=Pipeline(schedule, virtual=v, form=form))
     par = jaxpar.parallelize(MODEL, optax.sgd(0.1), gpt.lm_stages, plan, batch)
     loss, grads = par.loss_and_grads(params, batch)

@@ -45,7 +45,7 @@ def test_megatron_rows(result):
     peak = 312 * result["megatron"]["options"]["efficiency"]
     for p in row["plans"].values():
         assert 0 < p["model_tflops"] <= p["hardware_tflops"] <= peak * 1.001
-    assert row["plans"]["paper (t, d)"]["remat"]
+    assert row["plans"]["paper (t, d)"]["remat"] == "full"
     assert row["plans"]["planner"]["fits"]
     fitting = [p["step_s"] for p in row["plans"].values() if p["fits"]]
     assert row["plans"]["planner"]["step_s"] <= min(fitting) * 1.001

@@ -19,7 +19,7 @@ BATCHES = token_batches(BATCH, LENGTH, steps=4, vocab=VOCAB)
 
 FORMS = {
     "flat": ("dp2+fsdp2+tp2", None, {}),
-    "spmd": ("pp2+dp2+tp2", Pipeline("1f1b", form="spmd"), {}),
+    "spmd": ("pp2+dp2+tp2", Pipeline("1f1b", form="spmd"), {"remat": "dots"}),
     "mpmd": ("pp2+dp4", Pipeline("1f1b", form="mpmd"), {"zero": 1}),
 }
 

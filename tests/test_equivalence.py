@@ -49,6 +49,7 @@ def test_named_plan_matches_single_device(spec, optimizer, batches, references):
 @pytest.mark.parametrize("spec, options", [
     ("dp2+fsdp4", {"microbatches": 2}),
     ("fsdp4+tp2", {"remat": True}),
+    ("dp2+fsdp2+tp2", {"remat": "dots", "microbatches": 2}),
     ("dp4+tp2", {"zero": 1, "microbatches": 2}),
 ])
 def test_microbatches_remat_and_zero_match_single_device(spec, options, batches, references):

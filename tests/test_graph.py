@@ -99,6 +99,20 @@ def test_remat_saves_only_each_layer_input(tiny):
     assert all(g.saved == g.saved_remat for g in tiny.groups if g.repeat == 1)
 
 
+def test_dots_saves_only_the_outputs_of_contractions(tiny):
+    """Under remat "dots" a layer keeps the output of each of its matmuls and of attention's
+    two contractions (scores, and scores times values), nothing elementwise."""
+    blocks = _blocks(tiny)
+    kept = [t.nbytes for t in blocks.saved_dots]
+    for mm in blocks.matmuls:
+        kept.remove(mm.out_bytes)
+    attention = [t for t in blocks.saved_dots if t.logical_axes[:2] == ("batch", "heads")]
+    assert sorted(kept) == sorted(t.nbytes for t in attention) and len(attention) == 2
+    dots = sum(t.nbytes for t in blocks.saved_dots)
+    assert blocks.saved_bytes_remat < dots < blocks.saved_bytes / 2
+    assert all(g.saved_dots == g.saved for g in tiny.groups if g.repeat == 1)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"tied": False, "positions": "rotary"}])
 def test_saved_activations_name_their_logical_axes(overrides):
     cfg = dataclasses.replace(preset("tiny"), **overrides)

@@ -134,3 +134,20 @@ def test_compiled_arguments_match_the_plan_table(compiled):
         # params + adam mu + nu, the step and count scalars, the batch shard
         assert args == pytest.approx(3 * per_device + batch_shard, abs=64)
 
+
+
+def test_remat_policies_recompute_what_they_say():
+    """On dp8 (no gathers): "dots" recomputes no matmul (the step's FLOPs, elementwise work
+    aside, are those of "none"; "full" redoes the layers' forward) and holds less than
+    "none"; "full" holds the least."""
+    flops, temp = {}, {}
+    for remat in ("none", "dots", "full"):
+        plan = jaxpar.named_plan("dp8", 8, remat=remat)
+        par = jaxpar.parallelize(build("tiny"), optax.adamw(1e-3), lm_loss, plan,
+                                 example_batch())
+        exe = par.lower(example_batch()).compile()
+        flops[remat] = exe.cost_analysis()["flops"]
+        temp[remat] = exe.memory_analysis().temp_size_in_bytes
+    assert flops["dots"] == pytest.approx(flops["none"], rel=0.05), flops
+    assert flops["full"] > 1.15 * flops["dots"], flops
+    assert temp["none"] > temp["dots"] > temp["full"], temp

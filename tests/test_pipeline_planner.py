@@ -263,11 +263,11 @@ def test_the_pipeline_becomes_a_plan_with_stages_cut_and_schedule():
 
 def test_step_flops_count_recomputation_of_the_stack_only():
     graph = gpt_graph(1024, 16, 12, batch=8, length=512, vocab=8192)
-    model, hardware = step_flops(graph, remat=True)
+    model, hardware = step_flops(graph, remat="full")
     blocks = next(g for g in graph.groups if g.name == "blocks")
     assert model == 3 * graph.flops_fwd
     assert hardware - model == pytest.approx(12 * blocks.flops_fwd)
-    assert step_flops(graph, remat=False) == (model, model)
+    assert step_flops(graph, remat="none") == step_flops(graph, remat="dots") == (model, model)
 
 
 def test_both_forms_are_priced_and_the_faster_runs():

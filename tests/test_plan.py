@@ -87,6 +87,16 @@ def test_json_round_trip_is_identity():
     assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
 
 
+def test_remat_is_one_policy_of_three():
+    assert [Plan(mesh=(("data", 8),), remat=r).remat for r in (False, True, "dots")] == [
+        "none", "full", "dots"]
+    plan = Plan(mesh=(("data", 8),), remat="dots")
+    assert Plan.from_json(plan.to_json()).remat == "dots"
+    with pytest.raises(PlanError, match="unknown remat policy 'selective'; use one of 'none', "
+                                        "'dots', 'full'"):
+        Plan(mesh=(("data", 8),), remat="selective")
+
+
 def test_summary_lists_every_parameter_with_its_axes():
     plan = named_plan("fsdp2+tp4", 8).bind([KERNEL])
     text = str(plan)
@@ -117,6 +127,8 @@ def test_check_is_the_one_validation_for_every_form():
          "use zero=0 or form='mpmd'"),
         (named_plan("pp2+dp4", 8, pipeline=Pipeline(form="spmd", cut=(1, 3))), [16], 8,
          "needs equal chunks"),
+        (named_plan("pp2+dp4", 8, pipeline=Pipeline(form="spmd")), [16], 8,
+         "remat='none': use remat='dots' or 'full'"),
     ]
     for plan, batches, devices, message in cases:
         with pytest.raises(PlanError, match=message):

@@ -23,7 +23,7 @@ MODEL = gpt.build("tiny", layers=8, embed=32, heads=4, length=LENGTH, vocab=VOCA
 
 def pipelined(spec, schedule, v, m, model_fn=MODEL, batch_size=BATCH, length=LENGTH,
               optimizer=None):
-    plan = jaxpar.named_plan(spec, 8, microbatches=m,
+    plan = jaxpar.named_plan(spec, 8, microbatches=m, remat="dots",
                              pipeline=Pipeline(schedule, virtual=v, form="spmd"))
     batch = token_batches(batch_size, length, steps=1, vocab=VOCAB)[0]
     par = jaxpar.parallelize(model_fn, optimizer or optax.sgd(0.1), gpt.lm_stages, plan, batch)
@@ -112,9 +112,11 @@ def test_1f1b_needs_less_temp_memory_than_gpipe(compiled):
 
 @pytest.mark.parametrize("pipeline, message", [
     (Pipeline("1f1b", form="spmd", cut=(3, 5)), "needs equal chunks"),
+    (Pipeline("1f1b", form="spmd"), "remat='none': use remat='dots' or 'full'"),
 ])
 def test_unsupported_pipelines_are_refused(pipeline, message):
-    plan = jaxpar.named_plan("pp2+dp4", 8, microbatches=4, pipeline=pipeline)
+    remat = "none" if "remat" in message else "dots"
+    plan = jaxpar.named_plan("pp2+dp4", 8, microbatches=4, pipeline=pipeline, remat=remat)
     batch = token_batches(BATCH, LENGTH, steps=1, vocab=VOCAB)[0]
     with pytest.raises(PlanError, match=message):
         jaxpar.parallelize(MODEL, optax.sgd(0.1), gpt.lm_stages, plan, batch)

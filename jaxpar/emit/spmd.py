@@ -12,12 +12,13 @@ F stashes the chunk's VJP residuals (those that are not its weights) and B appli
 pullback to them; with a zero-bubble schedule B and W are the two halves of that pullback
 (`jaxpar.emit.backward`), B stashing the handoff for W. Each tick copies a residual set in and
 out of the buffer (XLA copies a buffer a conditional writes, so the writes happen outside
-the `lax.switch`), so residuals are kept small: the chunk saves matmul outputs only
-(`jax.checkpoint_policies.dots_saveable`) and B recomputes the elementwise work between
-them; no matmul is recomputed. With the plan's remat, each layer is rematerialised as in
-every other program. Every chunk has the same residual structure, traced once before
-the loop. Chunk 0's F embeds its microbatch (`pieces.pre`) and its B re-embeds it for the
-embedding's gradient; the last chunk's F also runs the head and loss (`pieces.post`) and
+the `lax.switch`), so residuals are kept small: the plan's remat policy is "dots" (the
+chunk saves matmul outputs only, `jax.checkpoint_policies.dots_saveable`, and B recomputes
+the elementwise work between them) or "full" (each layer is rematerialised as in every
+other program); `Plan.check` refuses "none". Every chunk has the same residual
+structure, traced once before the loop. Chunk 0's F embeds its microbatch (`pieces.pre`)
+and its B re-embeds it for the embedding's gradient; the last chunk's F also runs the head
+and loss (`pieces.post`) and
 stashes the loss gradient for its backward. Parameters outside the stack are replicated
 over `stage`; their gradient (pre's part on rank 0, post's on rank p - 1) is summed over
 `stage` once per step.
@@ -155,7 +156,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
     def post(outer: dict, x: jax.Array, batch: Any) -> jax.Array:
         return pieces.post(gathered(outer), x, batch)
 
-    chunk_fn = pieces.chunk if plan.remat else jax.checkpoint(
+    chunk_fn = pieces.chunk if plan.remat == "full" else jax.checkpoint(
         pieces.chunk, policy=jax.checkpoint_policies.dots_saveable)
 
     def local(params: dict, batch: Any) -> tuple[jax.Array, dict]:

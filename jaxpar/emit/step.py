@@ -27,10 +27,11 @@ from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
 
 
 def require_layer(plan: Plan, active: context.Active) -> None:
-    """A plan with remat needs the model to have marked its layer (else remat is a no-op)."""
-    if plan.remat and not active.layer_called:
-        raise PlanError("the plan asks for remat but the model never wraps a layer in "
-                        "jaxpar.layer; wrap its repeated block or set remat=False")
+    """A plan with a remat policy needs the model to have marked its layer (else the policy
+    is a no-op)."""
+    if plan.remat != "none" and not active.layer_called:
+        raise PlanError(f"the plan asks for remat={plan.remat!r} but the model never wraps a "
+                        "layer in jaxpar.layer; wrap its repeated block or set remat='none'")
 
 
 def split_microbatches(batch: Any, m: int) -> Any:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from jaxpar.models.presets import PRESETS
 from jaxpar.named import named_plan
-from jaxpar.plan import PlanError
+from jaxpar.plan import REMAT, PlanError
 
 # ----------------------------------------------------------------------------- flags
 
@@ -31,7 +31,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=64, help="sequence length (tokens)")
     p.add_argument("--lr", type=float, default=6e-3, help="peak learning rate")
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    p.add_argument("--remat", nargs="?", const="full", default="none", choices=REMAT,
+                   help="what each block saves for the backward pass: none (everything), "
+                        "dots (matmul outputs; the rest is recomputed) or full (its input: "
+                        "the block is recomputed); --remat alone means full")
     p.add_argument("--devices", type=int, default=8,
                    help="devices to use; on CPU this many are simulated")
     p.add_argument("--checkpoint-dir", default=None, help="resume from and save checkpoints here")

@@ -30,14 +30,14 @@ from flax import nnx
 from jax.extend import core
 
 from jaxpar import context
-from jaxpar.plan import DEFAULT_RULES, ParamInfo, Plan
+from jaxpar.plan import DEFAULT_RULES, REMAT, ParamInfo, Plan
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
 from jaxpar.tracing.names import Names, nbytes_of
 from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
 from jaxpar.tracing.walker import walk_jaxpr
 
 
-def _probe(infos: dict[str, ParamInfo], remat: bool) -> tuple[Plan, jax.sharding.AbstractMesh]:
+def _probe(infos: dict[str, ParamInfo], remat: str) -> tuple[Plan, jax.sharding.AbstractMesh]:
     """A plan mapping every logical name to a mesh axis of that name, so the model's
     `constrain` calls leave their logical names in the jaxpr's sharding constraints. The
     mesh axes have size 1 (nothing is split; no divisibility checks); the plan says 2 so
@@ -50,10 +50,11 @@ def _probe(infos: dict[str, ParamInfo], remat: bool) -> tuple[Plan, jax.sharding
 
 
 def _saved(loss: Callable, params: dict, batch: Any, infos: dict[str, ParamInfo],
-           groups: dict[str, str], repeat: dict[str, int], remat: bool
+           groups: dict[str, str], repeat: dict[str, int], remat: str
            ) -> dict[str, list[Tensor]]:
     """The residuals `jax.vjp` of the loss keeps, one layer's Tensors per group, traced
-    under the probe plan (see `_probe`), so `jaxpar.layer` applies remat as a plan would.
+    under the probe plan (see `_probe`), so `jaxpar.layer` applies the remat policy `remat`
+    as a plan would.
     Parameters, their views and constants are not counted; a residual belongs where the
     work making it does (see the module docstring); a batch input, to the first group."""
     plan, mesh = _probe(infos, remat)
@@ -99,7 +100,7 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     order = forward.order + [g for g in members if g not in forward.order]
     flops = forward.flops()
     saved = {remat: _saved(loss, params, batch, infos, groups, repeat, remat)
-             for remat in (False, True)}
+             for remat in REMAT}
     leaves = jax.tree.leaves(batch)
     return ModelGraph(
         groups=tuple(Group(
@@ -107,8 +108,9 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
             matmuls=tuple(dataclasses.replace(m, flops=m.flops / repeat[g])
                           for m in forward.matmuls[g]),
             flops_fwd=flops[g] / repeat[g],
-            saved=tuple(saved[False][g]),
-            saved_remat=tuple(saved[True][g]),
+            saved=tuple(saved["none"][g]),
+            saved_remat=tuple(saved["full"][g]),
+            saved_dots=tuple(saved["dots"][g]),
         ) for g in order),
         batch_size=leaves[0].shape[0] if leaves else 0,
         batch_bytes=sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves),

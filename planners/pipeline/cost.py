@@ -75,17 +75,20 @@ def piece_cost(group: Group, plan: Plan, cluster: Cluster, options: Options,
 
     busy = compute + communication - sync, split by passes of forward work: f = busy / P,
     w = busy / P (the weight-gradient matmuls), b = the rest, with P = 3, or 4 when the layer
-    is recomputed (remat applies to stacked groups, as in `group_terms`). w also streams the
+    is recomputed (remat "full"; a policy applies to stacked groups, as in `group_terms`);
+    a policy that saves less than every intermediate makes B recompute the rest, which
+    zero-bubble holds until W (`extra`). w also streams the
     microbatch's weight gradient and adds it into the sum (`Terms.microbatch_memory_s`,
     which the data axes and ZeRO level do not change); the once-per-step optimizer update's
     share of `Terms.memory_s` is not in a piece.
     """
     t = group_terms(group, dataclasses.replace(plan, microbatches=1), cluster, options)
-    remat = plan.remat and any(p.logical_axes[:1] == ("layers",) for p in group.params)
-    passes = 4 if remat else 3
+    stacked = any(p.logical_axes[:1] == ("layers",) for p in group.params)
+    remat = plan.remat if stacked else "none"
+    passes = 4 if remat == "full" else 3
     busy = t.compute_s + t.communication_s - sync
     stash = t.memory["activations"]
-    extra = group.repeat * activation_bytes(group.saved, plan) - stash if remat else 0.0
+    extra = 0.0 if remat == "none" else group.repeat * activation_bytes(group.saved, plan) - stash
     return Cost(busy / passes, busy * (passes - 2) / passes,
                 busy / passes + t.microbatch_memory_s, sync, t.memory["params"],
                 t.memory["grads"], t.memory["optimizer"], t.temporary, stash, extra)
@@ -224,7 +227,7 @@ class Pricer:
         if step not in self._step:
             sub = subcluster(self.cluster, plan.num_devices)
             state = dataclasses.replace(group, matmuls=(), flops_fwd=0.0, saved=(),
-                                        saved_remat=())
+                                        saved_remat=(), saved_dots=())
             self._step[step] = (sync_time(group, plan, sub),
                                 group_terms(state, plan, sub, self.options).memory["optimizer"])
         sync, optimizer = self._step[step]

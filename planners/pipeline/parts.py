@@ -23,7 +23,8 @@ def rescale(group: Group, factor: float) -> Group:
                     for mm in group.matmuls)
     return dataclasses.replace(group, matmuls=matmuls, flops_fwd=group.flops_fwd * factor,
                                saved=tuple(map(tensor, group.saved)),
-                               saved_remat=tuple(map(tensor, group.saved_remat)))
+                               saved_remat=tuple(map(tensor, group.saved_remat)),
+                               saved_dots=tuple(map(tensor, group.saved_dots)))
 
 
 def layer_slice(group: Group, layers: int) -> Group:
@@ -67,7 +68,7 @@ def stage_parts(graph: ModelGraph) -> StageParts:
         flops = sum(mm.flops for mm in head)
         first.append(dataclasses.replace(
             g, matmuls=tuple(mm for mm in g.matmuls if "vocab" not in mm.free),
-            flops_fwd=g.flops_fwd - flops, saved=(), saved_remat=()))
+            flops_fwd=g.flops_fwd - flops, saved=(), saved_remat=(), saved_dots=()))
         heads.append(dataclasses.replace(g, matmuls=head, flops_fwd=flops))
     stack = graph.groups[k]
     return StageParts(tuple(first), layer_slice(stack, 1), stack.repeat,

@@ -23,6 +23,7 @@ from jaxpar.planners.pipeline.cost import (
 from jaxpar.planners.schedules.generators import make_schedule
 from jaxpar.planners.schedules.simulator import simulate
 from jaxpar.planners.schedules.ticks import lockstep_time
+from jaxpar.planners.sharding.search import describe
 
 GiB = 2**30
 
@@ -86,12 +87,13 @@ class PricedPipeline:
                               tuple(j - i for i, j in self.chunks), self.bubble_fraction))
 
 
-def step_flops(graph: ModelGraph, remat: bool) -> tuple[float, float]:
+def step_flops(graph: ModelGraph, remat: str) -> tuple[float, float]:
     """(model, hardware) FLOPs of a step: 3 x forward, plus the stack's recomputed forward
-    under remat (Megatron-LM's 'with recomputation' count)."""
+    under full remat (Megatron-LM's 'with recomputation' count; "dots" recomputes no
+    matmul)."""
     model = 3 * graph.flops_fwd
     recomputed = sum(g.flops_fwd * g.repeat for g in graph.groups if g.repeat > 1)
-    return model, model + (recomputed if remat else 0.0)
+    return model, model + (recomputed if remat == "full" else 0.0)
 
 
 def finish(pricer: Pricer, cfg: Candidate, model: PieceCosts, bounds: Sequence[tuple[int, int]],
@@ -100,20 +102,35 @@ def finish(pricer: Pricer, cfg: Candidate, model: PieceCosts, bounds: Sequence[t
     all if neither does; None if no form can run it). MPMD: the simulated schedule, or the
     host launching its ops one by one if that takes longer. SPMD (equal chunks and ZeRO 0
     only, as its runtime needs): the tick table in lock-step, every rank holding the
-    parameters outside the stack and all-reducing their gradient over `stage`."""
+    parameters outside the stack and all-reducing their gradient over `stage`, on
+    `spmd_stage` of the candidate's stage plan."""
     priced = [_form(pricer, cfg, model, bounds, "mpmd")] if "mpmd" in forms else []
     chunks = cfg.p * cfg.v
     layers = pricer.parts.layers
-    if "spmd" in forms and cfg.stage_plan.zero == 0 and layers % chunks == 0:
+    stage = spmd_stage(cfg.stage_plan)
+    if "spmd" in forms and stage is not None and layers % chunks == 0:
         k = layers // chunks
-        priced.append(_form(pricer, cfg, model, [(c * k, (c + 1) * k) for c in range(chunks)],
-                            "spmd"))
+        spmd = dataclasses.replace(cfg, stage_plan=stage)
+        priced.append(_form(pricer, spmd, pricer.model(cfg.p, stage, cfg.microbatch_size),
+                            [(c * k, (c + 1) * k) for c in range(chunks)], "spmd"))
     if not priced:
         return None
     fitting = [plan for plan in priced if plan.memory_bytes <= budget] or priced
     best = min(fitting, key=lambda plan: plan.step_s)
     forms = tuple((plan.form, plan.step_s, plan.memory_bytes) for plan in priced)
     return dataclasses.replace(best, forms=forms)
+
+
+def spmd_stage(stage: Plan) -> Plan | None:
+    """The stage plan the SPMD form runs for `stage`: None under ZeRO-1 (its optimizer state
+    stays laid out like the parameters); remat "dots" for "none" (it keeps matmul outputs
+    at most, `jaxpar.emit.spmd`), else `stage` itself."""
+    if stage.zero:
+        return None
+    if stage.remat != "none":
+        return stage
+    dots = dataclasses.replace(stage, remat="dots")
+    return dataclasses.replace(dots, name=describe(dots))
 
 
 def _form(pricer: Pricer, cfg: Candidate, model: PieceCosts,

@@ -18,9 +18,10 @@ grads, optimizer, stashed activations of the schedule's in-flight microbatches);
 the simulator's (`simulator.simulate`) plus the once-per-step gradient sync.
 
 Search space: p dividing N (2 <= p <= layers, stages of whole nodes or inside one node); the
-stage mesh data x fsdp x tensor with fsdp x tensor inside a node; ZeRO 0 / 1 and remat off /
-on, the first of these variants (fastest first) under which a schedule fits; b a power of two
-up to 8; GPipe, 1F1B, ZB-H1, and interleaved 1F1B with v in {2, 4}. Pruned in three rounds:
+stage mesh data x fsdp x tensor with fsdp x tensor inside a node; ZeRO 0 / 1 and the remat
+policies (none, dots, full), the first of these variants (fastest first) under which a
+schedule fits; b a power of two up to 8; GPipe, 1F1B, ZB-H1, and interleaved 1F1B with
+every v the layers allow. Pruned in three rounds:
 (1) every candidate gets an O(1) estimate from the homogeneous-layer bottleneck; (2) the best
 by estimate get the exact DP cut and the schedule's lower bound on its step
 (`pipeline_bound`); (3) the best by bound are simulated until the next bound cannot beat the
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 
 from jaxpar.named import named_plan
 from jaxpar.pipelining import FORMS, SCHEDULES
-from jaxpar.plan import Alternative, Plan, PlanError
+from jaxpar.plan import REMAT, Alternative, Plan, PlanError
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options
 from jaxpar.planners.graph import ModelGraph
@@ -50,7 +51,7 @@ from jaxpar.planners.pipeline.cost import (
     step_sync,
 )
 from jaxpar.planners.pipeline.cut import cut_stack, estimate_step
-from jaxpar.planners.pipeline.result import PricedPipeline, finish
+from jaxpar.planners.pipeline.result import PricedPipeline, finish, spmd_stage
 from jaxpar.planners.schedules.generators import (
     check_schedule,
     in_flight,
@@ -69,7 +70,7 @@ GiB = 2**30
 
 
 def evaluate_pipeline(graph: ModelGraph, cluster: Cluster, *, p: int, v: int = 1, m: int,
-                      schedule: str = "1f1b", mesh: str, zero: int = 0, remat: bool = True,
+                      schedule: str = "1f1b", mesh: str, zero: int = 0, remat: str = "full",
                       memory_budget: float | None = None,
                       options: Options | None = None) -> Plan:
     """A given pipeline (e.g. a paper's own choice) as a Plan priced by the planner's model,
@@ -126,7 +127,7 @@ def _no_fit(model: PieceCosts, cfg: Candidate, layers: int, budget: float) -> st
     parts = ", ".join(f"{k} {x / GiB:.2f}" for k, x in memory.items())
     stage = cfg.stage_plan
     fixes = [fix for fix, useful in (
-        ("remat", not stage.remat),
+        ("remat", stage.remat != "full"),
         ("ZeRO-1", not stage.zero and stage.axis_size("data") > 1),
         ("more stages", chunks < layers),
         ("smaller microbatches", cfg.microbatch_size > 1),
@@ -158,21 +159,23 @@ def _stage_meshes(graph: ModelGraph, cluster: Cluster, devices: int) -> list[Pla
 
 def _variants(mesh: Plan) -> list[Plan]:
     """The mesh's ZeRO / remat variants, fastest first: each later one only saves memory
-    (ZeRO-1 adds an update all-gather, remat a forward pass)."""
+    (ZeRO-1 adds an update all-gather, "dots" elementwise recomputation, "full" a forward
+    pass)."""
     zeros = (0, 1) if mesh.axis_size("data") > 1 else (0,)
-    plans = [dataclasses.replace(mesh, zero=z, remat=r) for r in (False, True) for z in zeros]
+    plans = [dataclasses.replace(mesh, zero=z, remat=r) for r in REMAT for z in zeros]
     return [dataclasses.replace(plan, name=describe(plan)) for plan in plans]
 
 
 def _candidates(pricer: Pricer, cluster: Cluster, budget: float, schedules: Sequence[str],
                 virtual: Sequence[int] | None, max_microbatch_size: int,
-                max_microbatches: int | None) -> list[tuple[float, Candidate]]:
+                max_microbatches: int | None, forms: Sequence[str] = FORMS
+                ) -> list[tuple[float, Candidate]]:
     """Every (p, stage plan, microbatch size b, schedule, v) with an estimate, best first:
     p divides the devices with whole-node or in-node stages, b a power of two, at most
     `max_microbatches` microbatches; interleaving takes every v >= 2 of `virtual` (None:
-    every v the layers allow, p v <= layers); a schedule takes the first ZeRO / remat variant
-    under which it fits (a slower variant that also fits could only win where memory, not
-    time, shapes the cut)."""
+    every v the layers allow, p v <= layers); a schedule takes, for each of `forms`, the
+    first ZeRO / remat variant under which it fits that the form runs (a slower variant
+    that also fits could only win where memory, not time, shapes the cut)."""
     graph, layers = pricer.graph, pricer.parts.layers
     found = []
     for p in divisors(cluster.num_devices):
@@ -189,20 +192,23 @@ def _candidates(pricer: Pricer, cluster: Cluster, budget: float, schedules: Sequ
                 if max_microbatches is not None and m > max_microbatches:
                     continue
                 interleave = range(2, layers // p + 1) if virtual is None else virtual
-                open_ = [(name, v) for name in schedules
-                         for v in (interleave if name == "interleaved_1f1b" else (1,))
-                         if (v > 1 or name != "interleaved_1f1b") and p * v <= layers
-                         and schedule_allows(name, p, m, v)]
+                allowed = {(name, v) for name in schedules
+                           for v in (interleave if name == "interleaved_1f1b" else (1,))
+                           if (v > 1 or name != "interleaved_1f1b") and p * v <= layers
+                           and schedule_allows(name, p, m, v)}
+                open_ = {form: set(allowed) for form in forms}  # no variant fits yet
                 for stage in _variants(mesh):
-                    if not open_:
+                    runs = [f for f in open_ if f == "mpmd" or spmd_stage(stage) is not None]
+                    if not any(open_.values()):
                         break
                     model = pricer.model(p, stage, b)
-                    for name, v in list(open_):
+                    for name, v in sorted(set().union(*(open_[f] for f in runs))):
                         cfg = Candidate(p, v, m, name, b, stage)
                         estimate = estimate_step(model, cfg, layers, budget)
                         if estimate is not None:
                             found.append((estimate, cfg))
-                            open_.remove((name, v))
+                            for f in runs:
+                                open_[f].discard((name, v))
     found.sort(key=lambda x: x[0])
     return found
 
@@ -231,7 +237,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
     pricer = Pricer(graph, cluster, options)
     layers = pricer.parts.layers
     ranked = _candidates(pricer, cluster, budget, schedules, virtual, max_microbatch_size,
-                         max_microbatches)
+                         max_microbatches, forms)
     bounded: list[tuple[float, Candidate, tuple[tuple[int, int], ...]]] = []
     for estimate, cfg in ranked[:cuts]:
         if bounded and estimate > 1.25 * min(b for b, _, _ in bounded):

@@ -4,7 +4,7 @@ Outer loop: every mesh shape data x fsdp x tensor whose product is the device co
 each ZeRO level; a provably small space (d(N)^2 shapes, 66 for 1024 devices). Inner
 problem, per shape: a MILP with HiGHS over the choices that interact through the memory
 budget: for every layer group, whether its parameters are split over `fsdp` or
-replicated, plus the plan-wide remat flag and microbatch count. A group's cost depends on
+replicated, plus the plan-wide remat policy and microbatch count. A group's cost depends on
 the global choices, so there is one binary per (group, fsdp, remat, microbatches)
 combination, tied to one-hot global choices; temporaries enter as their maximum over
 groups. Minimise the predicted step time subject to the per-device memory budget.
@@ -12,8 +12,10 @@ groups. Minimise the predicted step time subject to the per-device memory budget
 Ties are not left to the solver: the cost model charges each extra microbatch its
 tensor-parallel collectives and fsdp gathers, and its gradient accumulation where memory-bound
 work is costed; where that leaves an exact tie (a data-parallel plan on a cluster without a
-memory bandwidth), the fewest microbatches that fit are taken after the solve. Remat is
-offered only when some group is a layer stack, the only place it applies.
+memory bandwidth; "dots" against "none", whose elementwise recomputation is not priced),
+the fewest microbatches and the least recomputing remat policy that fit are taken after
+the solve. Remat policies are offered only when some group is a layer stack, the only
+place they apply.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from jaxpar.plan import (
     DEFAULT_RULES,
     MESH_AXES,
+    REMAT,
     Alternative,
     Plan,
     PlanError,
@@ -85,8 +88,8 @@ def describe(plan: Plan) -> str:
     name = "+".join(parts)
     if plan.microbatches > 1:
         name += f" m{plan.microbatches}"
-    if plan.remat:
-        name += " remat"
+    if plan.remat != "none":
+        name += " remat" if plan.remat == "full" else f" remat={plan.remat}"
     if plan.zero:
         name += " zero1"
     replicated = [pattern_group(pattern) for pattern, _ in plan.group_rules]
@@ -99,7 +102,7 @@ def describe(plan: Plan) -> str:
 class _Combo:
     group: int
     fsdp: bool
-    remat: bool
+    remat: str
     microbatches: int
     time_s: float
     memory: float
@@ -123,7 +126,7 @@ def _combos(graph: ModelGraph, base: Plan, cluster: Cluster, options: Options,
     """Every valid (group, fsdp, remat, microbatches) combination with its cost; None if
     some group has no valid layout on this mesh."""
     fsdp_choices = (True, False) if base.axis_size("fsdp") > 1 else (True,)
-    remat_choices = (False, True) if any(is_stacked(g) for g in graph.groups) else (False,)
+    remat_choices = REMAT if any(is_stacked(g) for g in graph.groups) else ("none",)
     combos = []
     for gi, group in enumerate(graph.groups):
         valid = 0
@@ -153,10 +156,11 @@ def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Se
     """The MILP for one mesh shape and ZeRO level."""
     fixed_memory = _fixed_memory(graph, base, options)
     n, groups = len(combos), len(graph.groups)
-    # variables: y (one per combo), z (one per microbatch count), r (remat), T (temporaries)
-    nz = len(microbatches)
-    iz, ir, it = n, n + nz, n + nz + 1
-    size = n + nz + 2
+    # variables: y (one per combo), z (one per microbatch count), r (one per remat policy),
+    # T (temporaries)
+    nz, policies = len(microbatches), sorted({k.remat for k in combos}, key=REMAT.index)
+    iz, ir, it = n, n + nz, n + nz + len(policies)
+    size = it + 1
     c = np.zeros(size)
     if minimise_memory:
         c[:n] = [k.memory for k in combos]
@@ -174,12 +178,14 @@ def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Se
         hi.append(upper)
 
     row({iz + j: 1.0 for j in range(nz)}, 1, 1)
+    row({ir + j: 1.0 for j in range(len(policies))}, 1, 1)
     for g in range(groups):
         mine = [i for i, k in enumerate(combos) if k.group == g]
         row(dict.fromkeys(mine, 1.0), 1, 1)
         for j, m in enumerate(microbatches):
             row({**{i: 1.0 for i in mine if combos[i].microbatches == m}, iz + j: -1.0}, 0, 0)
-        row({**{i: 1.0 for i in mine if combos[i].remat}, ir: -1.0}, 0, 0)
+        for j, remat in enumerate(policies):
+            row({**{i: 1.0 for i in mine if combos[i].remat == remat}, ir + j: -1.0}, 0, 0)
     for i, k in enumerate(combos):  # T >= each group's temporaries, and >= all parameters
         row({i: k.temporary, it: -1.0}, -np.inf, 0)
     row({**{i: k.params for i, k in enumerate(combos)}, it: -1.0}, -np.inf, 0)
@@ -197,7 +203,7 @@ def _solve(graph: ModelGraph, base: Plan, combos: list[_Combo], microbatches: Se
     x = np.round(result.x[:n]).astype(bool)
     chosen = [k for k, on in zip(combos, x) if on]
     if not minimise_memory:
-        chosen = _fewest_microbatches(combos, chosen, budget - fixed_memory)
+        chosen = _least_work(combos, chosen, budget - fixed_memory)
     m = chosen[0].microbatches
     remat = chosen[0].remat
     rules = tuple((group_pattern(graph.groups[k.group].name), replicate_over_fsdp(base.rules))
@@ -231,15 +237,20 @@ def _memory(chosen: Sequence[_Combo]) -> float:
     return sum(k.memory for k in chosen) + temporary
 
 
-def _fewest_microbatches(combos: Sequence[_Combo], chosen: list[_Combo],
-                         budget: float) -> list[_Combo]:
-    """`chosen` with the fewest microbatches that fit `budget` at the same step time. The MILP
-    stops within its relative gap, so an exact tie (a plan that costs nothing per extra
-    microbatch) can come back with any count."""
+def _least_work(combos: Sequence[_Combo], chosen: list[_Combo],
+               budget: float) -> list[_Combo]:
+    """`chosen` with the least recomputing remat policy, then the fewest microbatches, that
+    fit `budget` at the same step time. The MILP stops within its relative gap, so an exact
+    tie (a plan that costs nothing per extra microbatch, or "dots" against "none") can come
+    back with any of them."""
     by_key = {(k.group, k.fsdp, k.remat, k.microbatches): k for k in combos}
     time_s = sum(k.time_s for k in chosen)
-    for m in sorted({k.microbatches for k in combos if k.microbatches < chosen[0].microbatches}):
-        fewer = [by_key.get((k.group, k.fsdp, k.remat, m)) for k in chosen]
+    remat, m = chosen[0].remat, chosen[0].microbatches
+    for r, fewer_m in itertools.product(REMAT[:REMAT.index(remat) + 1],
+                                        sorted({k.microbatches for k in combos})):
+        if (r, fewer_m) == (remat, m) or fewer_m > m:
+            continue
+        fewer = [by_key.get((k.group, k.fsdp, r, fewer_m)) for k in chosen]
         if (None not in fewer and sum(k.time_s for k in fewer) <= time_s * (1 + 1e-9)
                 and _memory(fewer) <= budget):
             return fewer
