@@ -6,11 +6,18 @@ kept busy meanwhile (machine-wide busy CPU time from /proc/stat minus this proce
 steps under QUIET_CORES count as clean. Configurations are timed in interleaved rounds in
 a shuffled order, so slow drifts hit all of them alike, and compared by the median of
 their clean steps.
+
+Processes that cooperate can keep out of each other's timings: with `$JAXPAR_TIMING_LOCK`
+naming a file, `alone()` holds it exclusively while work is timed, and a cooperating
+process holds `working()` (shared) around each piece of work of its own; the test suite
+runs in parallel this way while it calibrates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import gc
 import math
 import os
@@ -24,6 +31,40 @@ import numpy as np
 
 QUIET_CORES = 0.35
 _TICK = os.sysconf("SC_CLK_TCK")
+LOCK_VARIABLE = "JAXPAR_TIMING_LOCK"
+
+
+@contextmanager
+def _timing_lock(mode: int) -> Iterator[None]:
+    """The timing lock in `mode` (fcntl.LOCK_EX or LOCK_SH), taken after the turnstile: an
+    exclusive taker holds the turnstile while it waits, so no new shared holder slips in
+    ahead of it. A no-op without `$JAXPAR_TIMING_LOCK`."""
+    path = os.environ.get(LOCK_VARIABLE)
+    if not path:
+        yield
+        return
+    with open(f"{path}.turn", "a") as turn, open(path, "a") as lock:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        if mode == fcntl.LOCK_SH:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turn, fcntl.LOCK_UN)
+
+
+def alone() -> contextlib.AbstractContextManager[None]:
+    """Hold the timing lock exclusively: new work of cooperating processes waits at the
+    turnstile, the work under way finishes first."""
+    return _timing_lock(fcntl.LOCK_EX)
+
+
+def working() -> contextlib.AbstractContextManager[None]:
+    """Hold the timing lock shared: any number of workers at once, never while `alone()`
+    times."""
+    return _timing_lock(fcntl.LOCK_SH)
 
 
 def cpu_seconds() -> tuple[float, float]:

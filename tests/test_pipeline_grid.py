@@ -3,8 +3,8 @@ runs, compares with the single-device gradient and writes every field. The whole
 result is docs/pipeline_grid.json."""
 
 
-def test_quick_grid_equals_single_device(quick_bench):
-    result = quick_bench("check_pipeline_grid.py")
+def test_quick_grid_equals_single_device(quick_script):
+    result = quick_script("check_pipeline_grid.py")
     cases = result["cases"]
     assert {c["form"] for c in cases} == {"mpmd", "spmd"}
     assert all(c["schedule"] == "zero_bubble_h1" for c in cases)

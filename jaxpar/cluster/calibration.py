@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from jaxpar.cluster import probe
 from jaxpar.cluster.devices import _host_memory_bytes
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import TERMS, fit_scales, scaled
+from jaxpar.timing import alone
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 MESSAGE_BYTES = tuple(4096 * 8**i for i in range(5))  # 4 KiB ... 16 MiB per device
@@ -164,6 +166,20 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
                 for _, per_device in probe.PROBES.values())
     bar = tqdm(total=2 * len(MATMUL_SIZES) + 1 + len(groups) * len(KINDS) * len(MESSAGE_BYTES)
                + plans, desc="calibrate", disable=not verbose)
+    with alone():  # cooperating processes wait (jaxpar.timing)
+        isolated = _measure_isolated(devices, groups, bar.update)
+    steps = probe.time_steps(devices, bar.update)
+    bar.close()
+    key = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+           "device_count": n, "jax_version": jax.__version__}
+    return {"key": key, **isolated, "steps": steps, "seconds": time.perf_counter() - start}
+
+
+def _measure_isolated(devices: Sequence[jax.Device], groups: Sequence[int],
+                      advance: Callable[[], Any]) -> dict:
+    """The isolated figures of `_measure`: matmul rates, the stream rate, the dispatch time
+    and every collective of `groups` and MESSAGE_BYTES; `advance()` after each."""
+    n = len(devices)
     matmul = jax.jit(jnp.matmul)
     everywhere = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
     single, full = [], []
@@ -171,13 +187,13 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
         flops = 2 * size**3
         a = jax.device_put(jnp.ones((size, size), jnp.float32), devices[0])
         single.append([size, flops / _median_seconds(matmul, a, a)])
-        bar.update()
+        advance()
         b = jax.device_put(jnp.ones((n, size, size), jnp.float32), everywhere)
         full.append([size, flops / _median_seconds(matmul, b, b)])
-        bar.update()
+        advance()
     memory = {"bytes": STREAM_BYTES, "all_devices": _stream_rate(everywhere, n)}
     dispatch = _dispatch_seconds(devices[0])
-    bar.update()
+    advance()
     collectives = []
     for group in groups:
         mesh = Mesh(np.asarray(devices).reshape(n // group, group), ("rest", "group"))
@@ -190,14 +206,9 @@ def _measure(devices: Sequence[jax.Device], verbose: bool) -> dict:
                 seconds = _median_seconds(program, x) / repeats
                 collectives.append({"kind": kind, "group": group, "bytes": nbytes,
                                     "seconds": seconds})
-                bar.update()
-    steps = probe.time_steps(devices, bar.update)
-    bar.close()
-    key = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-           "device_count": n, "jax_version": jax.__version__}
-    return {"key": key, "matmul": {"single": single, "all_devices": full}, "memory": memory,
-            "dispatch": dispatch, "collectives": collectives, "steps": steps,
-            "seconds": time.perf_counter() - start}
+                advance()
+    return {"matmul": {"single": single, "all_devices": full}, "memory": memory,
+            "dispatch": dispatch, "collectives": collectives}
 
 
 def _stream_rate(everywhere: NamedSharding, n: int) -> float:

@@ -29,7 +29,7 @@ from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import step_terms
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.sharding.search import describe, mesh_shapes
-from jaxpar.timing import Timed, no_collector, wait_quiet
+from jaxpar.timing import Timed, alone, no_collector, wait_quiet
 from jaxpar.tracing.graph import trace_graph
 
 # config, and sequences per device: a batch of 16 and 8 on 8 devices
@@ -61,7 +61,8 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
     and plan; `advance()` is called after each plan (a progress bar). A probe's programs
     compile two at a time (XLA releases the GIL while it compiles); steps run one by one,
     each plan's after waiting for quiet cores, until SAMPLES of them ran while other
-    processes left the cores quiet (`jaxpar.timing`; at most MAX_SAMPLES steps)."""
+    processes left the cores quiet (`jaxpar.timing`; at most MAX_SAMPLES steps), holding
+    the timing lock (`jaxpar.timing.alone`) while a plan's steps run."""
     steps = []
     for name, (cfg, per_device) in PROBES.items():
         batch = per_device * len(devices)
@@ -79,11 +80,13 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
         with ThreadPoolExecutor(2) as pool:
             compiled = list(pool.map(lambda run: run[3].compile(), runs))
         for (plan, par, data, _), step in zip(runs, compiled):
-            clock = Timed(plan.name, step, random_state(par), data).warm_up()
-            wait_quiet(QUIET_WAIT)
-            with no_collector():
-                while len(clock.clean) < SAMPLES and len(clock.samples) < MAX_SAMPLES:
-                    clock.samples.append(clock.step())
+            clock = Timed(plan.name, step, random_state(par), data)
+            with alone():
+                clock.warm_up()
+                wait_quiet(QUIET_WAIT)
+                with no_collector():
+                    while len(clock.clean) < SAMPLES and len(clock.samples) < MAX_SAMPLES:
+                        clock.samples.append(clock.step())
             steps.append({"probe": name, "batch": batch,
                           "mesh": [list(axis) for axis in plan.mesh],
                           "microbatches": plan.microbatches, "plan": plan.name,
