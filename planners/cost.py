@@ -175,13 +175,16 @@ class _PricedLayout:
     activations: dict[str, float]  # saved for backward over one step's batch, all layers,
     # under each remat policy
     layer_activations: float  # one layer's full set: the backward's working memory
+    elementwise_s: float  # "dots": writing and reading again what it does not save
 
     def terms(self, remat: str, m: int) -> Terms:
-        """Under "dots" the backward recomputes elementwise work only, which the model
-        does not price (nor in the forward pass): no matmul and no collective is redone."""
+        """Under "dots" the backward recomputes elementwise work only (no matmul, no
+        collective): memory-bound, priced as the bytes "none" would have saved written and
+        read once more, on the memory bandwidth, in `compute_s`."""
         remat = remat if self.stacked else "none"
         recomputed = remat == "full"
-        t = Terms(compute_s=(3 + recomputed) * self.compute_s)
+        t = Terms(compute_s=(3 + recomputed) * self.compute_s
+                  + (self.elementwise_s if remat == "dots" else 0.0))
         for b in self.bookings:
             times = b.count * (m if b.per_microbatch else 1) * (2 if recomputed and b.recomputed
                                                                  else 1)
@@ -271,9 +274,10 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
     # pass of a layer holds that layer's full set (recomputed under remat) as working memory
     saved = {remat: group.repeat * activation_bytes(group.saved_under(remat), plan)
              for remat in REMAT}
+    elementwise = 2 * max(saved["none"] - saved["dots"], 0.0) / cluster.memory_bandwidth
     return _PricedLayout(stacked, compute_s, tuple(bookings), tuple(streamed),
                          cluster.memory_bandwidth, options.optimizer_slots, memory, temporary,
-                         saved, activation_bytes(group.saved, plan))
+                         saved, activation_bytes(group.saved, plan), elementwise)
 
 
 def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:

@@ -12,7 +12,8 @@ groups. Minimise the predicted step time subject to the per-device memory budget
 Ties are not left to the solver: the cost model charges each extra microbatch its
 tensor-parallel collectives and fsdp gathers, and its gradient accumulation where memory-bound
 work is costed; where that leaves an exact tie (a data-parallel plan on a cluster without a
-memory bandwidth; "dots" against "none", whose elementwise recomputation is not priced),
+memory bandwidth; "dots" against "none" there, its elementwise recomputation being
+memory traffic),
 the fewest microbatches and the least recomputing remat policy that fit are taken after
 the solve. Remat policies are offered only when some group is a layer stack, the only
 place they apply.
