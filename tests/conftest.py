@@ -39,7 +39,7 @@ from jaxpar.timing import LOCK_VARIABLE, working  # noqa: E402  (imports jax: af
 @pytest.fixture
 def compiles():
     """The XLA compilations made while the test body runs (a check that bad input is refused
-    before anything compiles)."""
+    before anything compiles); a program read from the compilation cache counts too."""
     import jax  # after the flag above is set
 
     events = []
@@ -60,12 +60,19 @@ def _timed_env() -> dict[str, str]:
 
 def pytest_configure(config):
     """In the controller (or a run without workers), before any worker starts: the shared
-    directory and the timing lock in it, which the workers inherit."""
+    directory and the timing lock in it, which the workers inherit. In every process: one
+    persistent XLA compilation cache there, so a program several tests (or both workers)
+    compile, such as a single-device reference, compiles once per session."""
     if _SHARED not in os.environ:
         shared = tempfile.mkdtemp(prefix="jaxpar-tests-")
         os.environ[_SHARED] = shared
         os.environ[LOCK_VARIABLE] = str(Path(shared) / "timing.lock")
         config.jaxpar_shared = shared
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(os.environ[_SHARED]) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):

@@ -5,6 +5,8 @@ a tiny model's step is driver overhead, not pipeline work."""
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("bench_pipeline")  # its module fixture runs once
+
 
 @pytest.fixture(scope="module")
 def result(quick_bench) -> dict:

@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("bench_planner")  # its module fixture runs once
+
 
 @pytest.fixture(scope="module")
 def result(quick_bench) -> dict:

@@ -13,6 +13,8 @@ from jaxpar.hlo import collective_bytes_per_step
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.tracing.params import abstract_params
 
+pytestmark = pytest.mark.xdist_group("hlo")  # its module fixture runs once
+
 BATCH, LENGTH = 16, 32
 
 

@@ -62,7 +62,7 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
     compile two at a time (XLA releases the GIL while it compiles); steps run one by one,
     each plan's after waiting for quiet cores, until SAMPLES of them ran while other
     processes left the cores quiet (`jaxpar.timing`; at most MAX_SAMPLES steps), holding
-    the timing lock (`jaxpar.timing.alone`) while a plan's steps run."""
+    the timing lock (`jaxpar.timing.alone`) while a probe's steps run."""
     steps = []
     for name, (cfg, per_device) in PROBES.items():
         batch = per_device * len(devices)
@@ -79,19 +79,18 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
             runs.append((plan, par, data, par.lower(data)))
         with ThreadPoolExecutor(2) as pool:
             compiled = list(pool.map(lambda run: run[3].compile(), runs))
-        for (plan, par, data, _), step in zip(runs, compiled):
-            clock = Timed(plan.name, step, random_state(par), data)
-            with alone():
-                clock.warm_up()
+        with alone():
+            for (plan, par, data, _), step in zip(runs, compiled):
+                clock = Timed(plan.name, step, random_state(par), data).warm_up()
                 wait_quiet(QUIET_WAIT)
                 with no_collector():
                     while len(clock.clean) < SAMPLES and len(clock.samples) < MAX_SAMPLES:
                         clock.samples.append(clock.step())
-            steps.append({"probe": name, "batch": batch,
-                          "mesh": [list(axis) for axis in plan.mesh],
-                          "microbatches": plan.microbatches, "plan": plan.name,
-                          "seconds": clock.median(), "samples": clock.times})
-            advance()
+                steps.append({"probe": name, "batch": batch,
+                              "mesh": [list(axis) for axis in plan.mesh],
+                              "microbatches": plan.microbatches, "plan": plan.name,
+                              "seconds": clock.median(), "samples": clock.times})
+                advance()
     return steps
 
 
