@@ -277,7 +277,7 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
     elementwise = 2 * max(saved["none"] - saved["dots"], 0.0) / cluster.memory_bandwidth
     return _PricedLayout(stacked, compute_s, tuple(bookings), tuple(streamed),
                          cluster.memory_bandwidth, options.optimizer_slots, memory, temporary,
-                         saved, activation_bytes(group.saved, plan), elementwise)
+                         saved, saved["none"] / group.repeat, elementwise)
 
 
 def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxpar.plan import Plan
 from jaxpar.planners.cluster import Cluster
-from jaxpar.planners.cost import Options, Terms, activation_bytes, group_terms
+from jaxpar.planners.cost import Options, Terms, activation_bytes, group_terms, is_stacked
 from jaxpar.planners.graph import Group, ModelGraph
 from jaxpar.planners.pipeline.parts import rescale, stage_parts, subcluster
 from jaxpar.planners.schedules.generators import Op
@@ -83,8 +83,7 @@ def piece_cost(group: Group, plan: Plan, cluster: Cluster, options: Options,
     share of `Terms.memory_s` is not in a piece.
     """
     t = group_terms(group, dataclasses.replace(plan, microbatches=1), cluster, options)
-    stacked = any(p.logical_axes[:1] == ("layers",) for p in group.params)
-    remat = plan.remat if stacked else "none"
+    remat = plan.remat if is_stacked(group) else "none"
     passes = 4 if remat == "full" else 3
     busy = t.compute_s + t.communication_s - sync
     stash = t.memory["activations"]
