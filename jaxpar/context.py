@@ -102,12 +102,40 @@ def gather(x: jax.Array, layout: Layout) -> jax.Array:
                 v = jax.lax.all_gather(v, axes, axis=dim, tiled=True)
         return v
 
+    if current.plan.grad_reduce == "all-reduce":
+        all_gather = _sliced_transpose(all_gather, manual)
     kept = [() if gathered else tuple(axes) for gathered, axes in zip(manual, layout)]
     split = {a for axes in kept for a in axes}
     if not split:
         return all_gather(x)
     spec = PartitionSpec(*(axes or None for axes in kept))
     return jax.shard_map(all_gather, in_specs=spec, out_specs=spec, axis_names=split)(x)
+
+
+def _sliced_transpose(all_gather: Callable[[jax.Array], jax.Array],
+                      manual: Sequence[tuple[str, ...]]) -> Callable[[jax.Array], jax.Array]:
+    """`all_gather` whose transpose all-reduces the whole gradient and keeps this device's
+    slice of it (the plan's grad_reduce="all-reduce") instead of reduce-scattering it."""
+    axes = tuple(a for dim_axes in manual for a in dim_axes)
+
+    @jax.custom_vjp
+    def gathered(v: jax.Array) -> jax.Array:
+        return all_gather(v)
+
+    def forward(v: jax.Array) -> tuple[jax.Array, None]:
+        return all_gather(v), None
+
+    def backward(_, g: jax.Array) -> tuple[jax.Array]:
+        g = jax.lax.psum(g, axes)
+        for dim, dim_axes in enumerate(manual):
+            if dim_axes:
+                size = g.shape[dim] // jax.lax.axis_size(dim_axes)
+                g = jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index(dim_axes) * size, size,
+                                                 dim)
+        return (g,)
+
+    gathered.defvjp(forward, backward)
+    return gathered
 
 
 def _layer_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -> Layout:

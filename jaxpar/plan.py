@@ -45,6 +45,13 @@ MESH_AXES = {"stage": "pp", "data": "dp", "fsdp": "fsdp", "sequence": "sp", "ten
 # gathers its fsdp shards again in the backward pass rather than keeping them.
 REMAT = ("none", "dots", "full")
 
+# How the gradient of an fsdp-sharded parameter is reduced over its shards, per microbatch:
+# "reduce-scatter" sums it into each device's shard (the all-gather's transpose);
+# "all-reduce" sums it whole, and each device keeps its slice: twice the bytes, but a
+# compiler that combines only independent all-reduces (XLA's CPU backend) then sends a
+# layer's gradients as one collective instead of one per parameter.
+GRAD_REDUCE = ("reduce-scatter", "all-reduce")
+
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
     """One parameter as the plan sees it: path, global shape, dtype and logical axes."""
@@ -71,7 +78,8 @@ class Plan:
     `zero`: 0 keeps optimizer state laid out like its parameter; 1 also splits it over
     the data-parallel mesh axes (ZeRO-1). Parameter sharding over `fsdp` is ZeRO-3.
     `remat`: what each layer saves for its backward pass, one of `REMAT` (True and False
-    are read as "full" and "none").
+    are read as "full" and "none"). `grad_reduce`: how fsdp-sharded gradients are reduced,
+    one of `GRAD_REDUCE`.
     """
 
     mesh: tuple[tuple[str, int], ...]
@@ -85,6 +93,7 @@ class Plan:
     predicted: Predicted | None = None
     alternatives: tuple[Alternative, ...] = ()
     pipeline: Pipeline | None = None
+    grad_reduce: str = "reduce-scatter"
 
     def __post_init__(self):  # lists in, tuples kept: a Plan is hashable data
         object.__setattr__(self, "mesh", tuple((name, size) for name, size in self.mesh))
@@ -96,6 +105,9 @@ class Plan:
         if self.remat not in REMAT:
             raise PlanError(f"unknown remat policy {self.remat!r}; use one of "
                             f"{', '.join(map(repr, REMAT))}")
+        if self.grad_reduce not in GRAD_REDUCE:
+            raise PlanError(f"unknown grad_reduce {self.grad_reduce!r}; use one of "
+                            f"{', '.join(map(repr, GRAD_REDUCE))}")
 
     # ----------------------------------------------------------------- mesh
     @functools.cached_property
@@ -303,7 +315,7 @@ class Plan:
         lines = [
             f"Plan {self.name or '(unnamed)'}: mesh {self._mesh_str()} "
             f"({self.num_devices} devices), zero={self.zero}, remat={self.remat}, "
-            f"microbatches={self.microbatches}"
+            f"microbatches={self.microbatches}, grad_reduce={self.grad_reduce}"
         ]
         if self.pipeline is not None:
             pp = self.pipeline

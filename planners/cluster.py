@@ -26,7 +26,10 @@ class Cluster:
     devices that share host cores that is measurable, `calibrate()` fits it; datasheets: 0).
     `dispatch_latency`: host seconds to launch one jitted program, which the MPMD pipeline
     pays once per op from one Python thread; no datasheet gives it, so the presets say 0
-    (dispatch not priced) and `calibrate()` measures it."""
+    (dispatch not priced) and `calibrate()` measures it. `combined_kinds`: the collective
+    kinds the compiler merges when they are independent (a layer's parameter collectives),
+    priced as one collective per layer; read off the local compiler (`local_cluster()`;
+    XLA's CPU backend merges all-reduces only), none for the presets (each priced alone)."""
 
     name: str
     num_nodes: int
@@ -41,6 +44,7 @@ class Cluster:
     latency_per_device: float = 0.0
     dispatch_latency: float = 0.0
     intra_node_collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    combined_kinds: tuple[str, ...] = ()
     source: str = "datasheet"
 
     def __post_init__(self) -> None:
@@ -51,10 +55,12 @@ class Cluster:
         for field in ("latency_per_device", "dispatch_latency"):
             if getattr(self, field) < 0:
                 raise ValueError(f"Cluster.{field} must be >= 0, got {getattr(self, field)}")
-        unknown = set(self.intra_node_collectives) - set(COLLECTIVE_KINDS)
-        if unknown:
-            raise ValueError(f"Cluster.intra_node_collectives has unknown kinds {sorted(unknown)}; "
-                             f"use {', '.join(COLLECTIVE_KINDS)}")
+        object.__setattr__(self, "combined_kinds", tuple(self.combined_kinds))  # from JSON
+        for field in ("intra_node_collectives", "combined_kinds"):
+            unknown = set(getattr(self, field)) - set(COLLECTIVE_KINDS)
+            if unknown:
+                raise ValueError(f"Cluster.{field} has unknown kinds {sorted(unknown)}; "
+                                 f"use {', '.join(COLLECTIVE_KINDS)}")
 
     @property
     def num_devices(self) -> int:

@@ -14,8 +14,11 @@ device arrives). A collective over a mesh axis runs on the links its device stri
 
 What the emitter does, which this mirrors (docs/plans.md): per microbatch, a layer's
 fsdp-sharded parameters (each device its `tensor` slice of them) are all-gathered in the
-forward pass and again in the backward pass, and their gradients reduce-scattered;
-gradients are all-reduced over the data-parallel axes they are replicated on once per step;
+forward pass and again in the backward pass, and their gradients reduce-scattered (or
+all-reduced whole, `Plan.grad_reduce`); gradients are all-reduced over the data-parallel
+axes they are replicated on once per step; where the compiler merges independent
+collectives of a kind (`Cluster.combined_kinds`), a layer's parameter collectives of that
+kind are one collective;
 Megatron matmuls all-reduce their output (forward, contracted dimension split) or their
 input gradient (backward, kept dimension split) over `tensor`, per microbatch.
 """
@@ -214,11 +217,12 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
             for path, lay in layout.items()}
     bookings: list[_Booking] = []
 
-    def book(kind: str, axes: tuple[str, ...], nbytes: float, count: float, **how) -> None:
+    def book(kind: str, axes: tuple[str, ...], nbytes: float, count: float,
+             into: list[_Booking] = bookings, **how) -> None:
         n = _size(plan, axes)
         if n > 1 and nbytes > 0:
             bandwidth, latency = link(cluster, plan, axes, kind)
-            bookings.append(_Booking(kind, n, bandwidth, latency, nbytes, count, **how))
+            into.append(_Booking(kind, n, bandwidth, latency, nbytes, count, **how))
 
     # ---- compute: forward, backward (2x forward), and the recomputed forward under full remat
     param_flops, split_flops = 0.0, 0.0
@@ -249,16 +253,17 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
     memory = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
     temporary = 0.0
     streamed = []
+    per_param: list[_Booking] = []
     for p in group.params:
         lay = layout[p.path]
         full = math.prod(_layer_shape(p, stacked)) * p.nbytes / max(math.prod(p.shape), 1)
         layer_bytes = full / _size(plan, auto[p.path])
         sharded_over = tuple(a for axes in lay for a in axes if a in manual)
         replicated_over = tuple(a for a in manual if a not in sharded_over)
-        book("all-gather", sharded_over, layer_bytes, gathers * group.repeat)
-        book("reduce-scatter", sharded_over, layer_bytes, group.repeat)
+        book("all-gather", sharded_over, layer_bytes, gathers * group.repeat, per_param)
+        book(plan.grad_reduce, sharded_over, layer_bytes, group.repeat, per_param)
         shard = p.nbytes / _size(plan, sum(lay, ()))
-        book("all-reduce", replicated_over, shard, 1, per_microbatch=False)
+        book("all-reduce", replicated_over, shard, 1, per_param, per_microbatch=False)
         if sharded_over:
             temporary = max(temporary, 2 * layer_bytes)
         memory["params"] += shard
@@ -268,7 +273,8 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
         memory["optimizer"] += options.optimizer_slots * opt
         streamed.append((p.nbytes / _size(plan, auto[p.path]), shard, opt))
         extra = tuple(a for a in opt_axes if a not in sum(lay, ()))
-        book("all-gather", extra, shard, 1, per_microbatch=False)  # ZeRO-1: updates gathered
+        book("all-gather", extra, shard, 1, per_param, per_microbatch=False)  # ZeRO-1 updates
+    bookings += combine(per_param, cluster.combined_kinds)
 
     # ---- activations saved for backward, one microbatch at a time (the scan); the backward
     # pass of a layer holds that layer's full set (recomputed under remat) as working memory
@@ -278,6 +284,23 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
     return _PricedLayout(stacked, compute_s, tuple(bookings), tuple(streamed),
                          cluster.memory_bandwidth, options.optimizer_slots, memory, temporary,
                          saved, saved["none"] / group.repeat, elementwise)
+
+
+def combine(bookings: Sequence[_Booking], kinds: Sequence[str]) -> list[_Booking]:
+    """The parameter collectives of one group as the compiler issues them: those of a kind
+    in `kinds` that run together (same group of devices, same place in the step) merged into
+    one collective of their summed bytes, which pays one latency."""
+    merged: dict[tuple, _Booking] = {}
+    alone = []
+    for b in bookings:
+        if b.kind not in kinds:
+            alone.append(b)
+            continue
+        key = dataclasses.replace(b, nbytes=0.0)
+        before = merged.get(key)
+        merged[key] = b if before is None else dataclasses.replace(
+            before, nbytes=before.nbytes + b.nbytes)
+    return alone + list(merged.values())
 
 
 def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:

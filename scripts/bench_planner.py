@@ -56,7 +56,12 @@ from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.megatron import MIXED, megatron_table, row_graph
 from jaxpar.planners.pipeline.result import step_flops
-from jaxpar.planners.sharding.search import describe, divisors, plan_sharding
+from jaxpar.planners.sharding.search import (
+    cheapest_grad_reduce,
+    describe,
+    divisors,
+    plan_sharding,
+)
 from jaxpar.report import run_meta, text_table, write_result
 from jaxpar.timing import QUIET_CORES, Timed, interleave
 from jaxpar.tracing.graph import trace_graph
@@ -162,13 +167,15 @@ FULL_PEERS = Peers(Case("e384-l3 b16 s64", _gpt(384, 3, 64, 1024), 16), NAMED, 1
 QUICK_PEERS = Peers(Case("e32-l1 b8 s16", _gpt(32, 1, 16, 128), 8), ("dp8", "fsdp8"), 2, 2)
 
 
-def peer(case: Case, spec: str, peers: Peers, seed: int) -> dict:
-    """jaxpar's step and the hand-written program for the named plan `spec`: the same
-    losses over two steps from the same initial state, then interleaved timing."""
+def peer(case: Case, spec: str, peers: Peers, cluster: Cluster, seed: int) -> dict:
+    """jaxpar's step and the hand-written program for the named plan `spec` (with the
+    gradient reduction the planner prices best for it on `cluster`): the same losses over
+    two steps from the same initial state, then interleaved timing."""
     host = example_batch(case.cfg, case.batch, seed)
     optimizer = optax.adamw(1e-3)
-    par = jaxpar.parallelize(build(case.cfg), optimizer, lm_loss,
-                             named_plan(spec, NUM_DEVICES), host)
+    graph = trace_graph(build(case.cfg), lm_loss, host)
+    plan = cheapest_grad_reduce(graph, named_plan(spec, NUM_DEVICES), cluster)
+    par = jaxpar.parallelize(build(case.cfg), optimizer, lm_loss, plan, host)
     init, step, shard = handwritten(build(case.cfg), optimizer, lm_loss, par.plan, host)
     ours = Timed("jaxpar", par.step, par.init(jax.random.key(seed)), par.shard_batch(host))
     theirs = Timed("hand-written", step, init(jax.random.key(seed)), shard(host))
@@ -179,7 +186,8 @@ def peer(case: Case, spec: str, peers: Peers, seed: int) -> dict:
             clock.state, metrics = clock.fn(clock.state, clock.batch)
             losses[clock.name].append(float(metrics["loss"]))
     interleave([ours, theirs], peers.rounds, peers.steps_per_round, seed)
-    return {"plan": spec, "jaxpar_median_s": ours.median(), "handwritten_median_s":
+    return {"plan": spec, "grad_reduce": plan.grad_reduce,
+            "jaxpar_median_s": ours.median(), "handwritten_median_s":
             theirs.median(), "ratio": ours.median() / theirs.median(),
             "jaxpar_spread": ours.spread(), "handwritten_spread": theirs.spread(),
             "steps": len(ours.samples), "losses": losses,
@@ -217,9 +225,10 @@ def print_megatron(rows: list[dict]) -> None:
 
 
 def print_peers(rows: list[dict]) -> None:
-    print(text_table(["plan", "jaxpar ms", "hand-written ms", "jaxpar / hand", "spreads",
-                      "loss diff"],
-                     [[r["plan"], r["jaxpar_median_s"] * 1e3, r["handwritten_median_s"] * 1e3,
+    print(text_table(["plan", "grad reduce", "jaxpar ms", "hand-written ms", "jaxpar / hand",
+                      "spreads", "loss diff"],
+                     [[r["plan"], r["grad_reduce"], r["jaxpar_median_s"] * 1e3,
+                       r["handwritten_median_s"] * 1e3,
                        f"{r['ratio']:.3f}x", f"{r['jaxpar_spread']:.1%} / "
                        f"{r['handwritten_spread']:.1%}", f"{r['loss_max_rel_diff']:.1e}"]
                       for r in rows]))
@@ -280,9 +289,10 @@ def peers_part(result: dict, peers: Peers, seed: int) -> None:
     print(f"\n== jaxpar against the hand-written program, {peers.case.name}", flush=True)
     result["peers"] = {"case": peers.case.name, "config": dataclasses.asdict(peers.case.cfg),
                        "batch": peers.case.batch, "plans": []}
+    cluster = jaxpar.calibrate()
     for spec in peers.plans:
         print(f"  {spec}", file=sys.stderr, flush=True)
-        result["peers"]["plans"].append(peer(peers.case, spec, peers, seed))
+        result["peers"]["plans"].append(peer(peers.case, spec, peers, cluster, seed))
     print_peers(result["peers"]["plans"])
 
 
@@ -323,6 +333,8 @@ def meta(args: argparse.Namespace, settings, peers: Peers) -> dict:
                       f"{settings.race_budget_s:g} s per case. Measured = median of clean "
                       f"steps (of all steps, flagged 'contended', if too few); spread = "
                       f"IQR / median",
+            "peer_plans": "each named plan with the gradient reduction the planner prices "
+                          "best for it on the calibrated cluster (cheapest_grad_reduce)",
             "peer_timing": f"2 untimed steps each (their losses compared), then "
                            f"{peers.rounds} interleaved rounds x {peers.steps_per_round} "
                            "steps of jaxpar and the hand-written program in random order; "

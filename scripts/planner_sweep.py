@@ -30,6 +30,7 @@ from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import predict
 from jaxpar.planners.graph import ModelGraph
 from jaxpar.planners.sharding.search import (
+    cheapest_grad_reduce,
     describe,
     group_pattern,
     mesh_shapes,
@@ -116,10 +117,12 @@ def rule_variants(graph: ModelGraph, mode: str) -> list[tuple[str, ...]]:
             for k in range(len(large) + 1) for subset in itertools.combinations(large, k)]
 
 
-def sweep_plans(graph: ModelGraph, pick: Plan, settings: Settings) -> list[Plan]:
+def sweep_plans(graph: ModelGraph, pick: Plan, settings: Settings,
+                cluster: Cluster) -> list[Plan]:
     """The pick, then every mesh shape (or those of `settings.meshes`) under every rule
-    variant, with the pick's remat, microbatches and ZeRO level; plans that fail the plan
-    checks are skipped, and each program is kept once."""
+    variant, with the pick's remat, microbatches and ZeRO level and the gradient reduction
+    the planner prices best for it; plans that fail the plan checks are skipped, and each
+    program is kept once."""
     candidates = [pick]
     for mesh in mesh_shapes(NUM_DEVICES):
         if settings.meshes and tuple(size for _, size in mesh) not in settings.meshes:
@@ -137,6 +140,8 @@ def sweep_plans(graph: ModelGraph, pick: Plan, settings: Settings) -> list[Plan]
             plan.check_batch(graph.batch_size)
         except PlanError:
             continue
+        if plan is not pick:
+            plan = cheapest_grad_reduce(graph, plan, cluster)
         if program_key(plan) not in seen:
             seen.add(program_key(plan))
             plans.append(dataclasses.replace(plan, name=config_name(plan, graph)))
@@ -155,6 +160,7 @@ def program_key(plan: Plan) -> tuple:
                 ("tensor", plan.axis_size("tensor")))
         plan = dataclasses.replace(plan, mesh=mesh, group_rules=())
     return (plan.mesh, plan.zero, plan.remat, plan.microbatches,
+            plan.grad_reduce if uses_fsdp(plan, plan.params) else None,
             tuple(sorted((p.path, plan.param_layout(p)) for p in plan.params)))
 
 
@@ -340,7 +346,7 @@ def sweep_case(case: Case, cluster: Cluster, settings: Settings, seed: int) -> d
     # microbatches capped so the pick's count divides every mesh shape's local batch
     pick = plan_sharding(graph, cluster, max_microbatches=case.batch // NUM_DEVICES)
     plan_s = time.perf_counter() - start
-    plans = sweep_plans(graph, pick, settings)
+    plans = sweep_plans(graph, pick, settings, cluster)
     runs = []
     for i, plan in enumerate([*plans, plans[0]]):
         runs.append(compile_run(case, plan, host_batch))

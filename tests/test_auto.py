@@ -122,14 +122,17 @@ def test_tight_budgets_are_met_and_still_match(force, cluster):
 @pytest.fixture(scope="module")
 def small_gpt(cluster):
     """`compile(spec)`: GPT small's step under the named plan, compiled once per plan, with
-    the cost model's prediction for it (fsdp8 with remat, the others without)."""
+    the cost model's prediction for it (fsdp8 with remat, the others without; a spec may
+    name a `grad_reduce` after a space)."""
     model_fn, batch = build("small"), token_batches(batch=16, length=64, steps=1)[0]
     graph = trace_graph(model_fn, lm_loss, batch)
 
     @functools.cache
     def compile(spec):
-        par = jaxpar.parallelize(model_fn, optax.adamw(1e-3), lm_loss,
-                                 jaxpar.named_plan(spec, 8, remat=spec == "fsdp8"), batch)
+        name, _, reduce = spec.partition(" ")
+        plan = jaxpar.named_plan(name, 8, remat=name == "fsdp8",
+                                 grad_reduce=reduce or "reduce-scatter")
+        par = jaxpar.parallelize(model_fn, optax.adamw(1e-3), lm_loss, plan, batch)
         return predict(graph, par.plan, cluster), par.lower(batch).compile()
 
     return compile
@@ -151,7 +154,8 @@ def test_predicted_memory_agrees_with_the_compiler(spec, small_gpt):
 # of tp8's all-reduce bytes) and the loss's reductions over `vocab` (scalars and rows).
 COLLECTIVE_BYTES_TOLERANCE = 0.10
 
-@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+fsdp2+tp2"])
+@pytest.mark.parametrize("spec", ["dp8", "fsdp8", "tp8", "dp2+fsdp2+tp2",
+                                  "dp2+fsdp2+tp2 all-reduce"])
 def test_predicted_collective_bytes_per_kind_agree_with_the_compiler(spec, small_gpt):
     predicted, compiled = small_gpt(spec)
     emitted = collective_bytes_per_step(compiled.as_text(), min_bytes=64)

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 import jaxpar
+from jaxpar.cluster import devices as devices_module
 from jaxpar.planners import a100_80gb, h100_80gb, tpu_v4, tpu_v5e
 
 
@@ -44,15 +45,18 @@ def test_local_cluster_describes_the_simulated_cpu_devices():
 
 @pytest.mark.parametrize("kind, preset", [("NVIDIA A100-SXM4-80GB", a100_80gb(2)),
                                           ("TPU v4", tpu_v4(8))])
-def test_local_cluster_of_a_known_accelerator_keeps_every_datasheet_field(kind, preset):
-    @dataclasses.dataclass
+def test_local_cluster_of_a_known_accelerator_keeps_every_datasheet_field(kind, preset,
+                                                                         monkeypatch):
+    @dataclasses.dataclass(frozen=True)
     class Device:
         process_index: int
         device_kind: str = kind
 
+    merged = ("all-reduce", "all-gather", "reduce-scatter")  # what XLA's GPU and TPU merge
+    monkeypatch.setattr(devices_module, "combined_kinds", lambda devices: merged)
     devices = [Device(i // 8) for i in range(8 * preset.num_nodes)]
     cluster = jaxpar.local_cluster(devices)
-    assert cluster == dataclasses.replace(preset, name=kind)
+    assert cluster == dataclasses.replace(preset, name=kind, combined_kinds=merged)
     assert cluster.memory_bandwidth == preset.memory_bandwidth < float("inf")
 
 
@@ -61,3 +65,10 @@ def test_invalid_cluster_is_rejected():
         a100_80gb(num_nodes=0)
     with pytest.raises(ValueError, match="unknown kinds"):
         dataclasses.replace(a100_80gb(), intra_node_collectives={"all_gather": {}})
+
+
+def test_local_cluster_knows_which_collectives_the_compiler_merges():
+    """Read off XLA: its CPU backend merges independent all-reduces, and no other kind."""
+    assert jaxpar.local_cluster().combined_kinds == ("all-reduce",)
+    with pytest.raises(ValueError, match="combined_kinds has unknown kinds"):
+        dataclasses.replace(a100_80gb(), combined_kinds=("broadcast",))

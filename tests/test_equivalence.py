@@ -51,6 +51,8 @@ def test_named_plan_matches_single_device(spec, optimizer, batches, references):
     ("fsdp4+tp2", {"remat": True}),
     ("dp2+fsdp2+tp2", {"remat": "dots", "microbatches": 2}),
     ("dp4+tp2", {"zero": 1, "microbatches": 2}),
+    ("fsdp8", {"grad_reduce": "all-reduce"}),
+    ("dp2+fsdp2+tp2", {"grad_reduce": "all-reduce", "microbatches": 2}),
 ])
 def test_microbatches_remat_and_zero_match_single_device(spec, options, batches, references):
     plan = jaxpar.named_plan(spec, 8, **options)

@@ -26,9 +26,11 @@ def example_batch():
 @pytest.fixture(scope="module")
 def compiled():
     out = {}
-    for spec in ("dp8", "fsdp8", "tp8"):
+    for spec, options in (("dp8", {}), ("fsdp8", {}), ("tp8", {}),
+                          ("fsdp8 all-reduce", {"grad_reduce": "all-reduce"})):
         par = jaxpar.parallelize(build("tiny"), optax.adamw(1e-3), lm_loss,
-                                 jaxpar.named_plan(spec, 8), example_batch())
+                                 jaxpar.named_plan(spec.split()[0], 8, **options),
+                                 example_batch())
         out[spec] = (par, par.lower(example_batch()).compile())
     return out
 
@@ -77,11 +79,32 @@ def test_fsdp_gathers_parameters_and_reduce_scatters_gradients(compiled, params)
     assert sum(op.nbytes for op in ops if op.kind == "all-reduce") <= replicated_bytes + 64
 
 
-def test_fsdp_without_remat_gathers_each_layer_again_for_the_backward_pass(compiled, params):
+def test_fsdp_all_reduce_sends_each_layers_gradients_as_one_collective(compiled, params):
+    """grad_reduce="all-reduce" on a compiler that merges all-reduces (XLA's CPU): no
+    reduce-scatter; in the layer scan one all-reduce holds every fsdp-sharded layer
+    gradient whole; per step every sharded gradient is all-reduced whole, once."""
+    par, exe = compiled["fsdp8 all-reduce"]
+    text = exe.as_text()
+    ops = hlo.collectives(text)
+    assert not [op for op in ops if op.kind == "reduce-scatter"]
+    sharded = [p for p in params if "fsdp" in sum(par.plan.param_layout(p), ())]
+    stacked = {layer_shapes(p) for p in sharded if p.logical_axes[:1] == ("layers",)}
+    assert any(stacked <= set(op.shapes) for op in ops if op.kind == "all-reduce")
+    per_step = collective_bytes_per_step(text)
+    replicated = sum(p.nbytes for p in params if p not in sharded)
+    assert per_step["all-reduce"] == pytest.approx(sum(p.nbytes for p in sharded) + replicated,
+                                                   abs=64)
+    assert per_step["all-gather"] == collective_bytes_per_step(
+        compiled["fsdp8"][1].as_text())["all-gather"]
+
+
+@pytest.mark.parametrize("spec", ["fsdp8", "fsdp8 all-reduce"])
+def test_fsdp_without_remat_gathers_each_layer_again_for_the_backward_pass(spec, compiled,
+                                                                         params):
     """The layers' gathered weight matrices are recomputed, not held from forward to
     backward; parameters outside the layer stack are gathered once per step. Vectors (norm
     scales, biases) are left out: the backward keeps their broadcastable reshape, as small."""
-    par, exe = compiled["fsdp8"]
+    par, exe = compiled[spec]
     vector = 4 * max(p.shape[-1] for p in params)
     per_step = collective_bytes_per_step(exe.as_text(), min_bytes=vector)
     matrices = [p for p in params if "fsdp" in sum(par.plan.param_layout(p), ())

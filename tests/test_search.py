@@ -8,7 +8,7 @@ import math
 import pytest
 
 from jaxpar.named import named_plan
-from jaxpar.plan import REMAT, ParamInfo, Plan, PlanError
+from jaxpar.plan import GRAD_REDUCE, REMAT, ParamInfo, Plan, PlanError
 from jaxpar.planners.cluster import a100_80gb
 from jaxpar.planners.cost import Options, group_terms, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
@@ -16,6 +16,7 @@ from jaxpar.planners.pipeline.cost import piece_cost
 from jaxpar.planners.sharding.search import (
     describe,
     divisors,
+    grad_reductions,
     group_pattern,
     mesh_shapes,
     plan_sharding,
@@ -90,22 +91,30 @@ def test_the_cost_model_prices_a_mesh_by_its_axes_not_by_a_fixed_three():
         assert predict(graph, Plan(mesh=mesh), cluster) == full
 
 
-def test_the_milp_finds_the_optimum_of_brute_force():
+# A cluster whose compiler merges independent all-reduces only (XLA's CPU backend), with a
+# latency high enough for an fsdp layer's one merged all-reduce to beat its reduce-scatters.
+MERGES_ALL_REDUCES = dataclasses.replace(a100_80gb(num_nodes=1), combined_kinds=("all-reduce",),
+                                         intra_node_latency=5e-3)
+
+
+@pytest.mark.parametrize("cluster", [a100_80gb(num_nodes=1), MERGES_ALL_REDUCES],
+                         ids=["a100", "merges-all-reduces"])
+def test_the_milp_finds_the_optimum_of_brute_force(cluster):
     graph = transformer(layers=4, embed=1024, heads=8, mlp=4096, vocab=8192, batch=16,
                         length=512)
-    cluster = a100_80gb(num_nodes=1)
     budget = 3 * GiB
     plan = plan_sharding(graph, cluster, budget)
     best = math.inf
     for mesh in mesh_shapes(8):
         base = Plan(mesh=mesh)
         dp = base.data_parallel_size
-        for zero, remat, m in itertools.product((0, 1), REMAT, divisors(16 // dp)):
+        for zero, remat, m, reduce in itertools.product((0, 1), REMAT, divisors(16 // dp),
+                                                        GRAD_REDUCE):
             for shard in itertools.product((True, False), repeat=len(graph.groups)):
                 rules = tuple((group_pattern(g.name), replicate_over_fsdp(base.rules))
                               for g, on in zip(graph.groups, shard) if not on)
                 candidate = dataclasses.replace(base, zero=zero, remat=remat, microbatches=m,
-                                                group_rules=rules)
+                                                group_rules=rules, grad_reduce=reduce)
                 try:
                     for info in graph.params:
                         candidate.check_param(info)
@@ -256,3 +265,29 @@ def test_collectives_are_costed_on_their_own_kinds_figures():
         base, slowed = (predict(graph, plan, c) for c in (cluster, slow_scatter))
         assert (slowed.communication_s > base.communication_s) == scatters, spec
         assert slowed.collective_bytes == base.collective_bytes
+
+
+def test_merged_collectives_pay_one_latency_per_layer_and_microbatch():
+    """fsdp8: a layer's gradients reduce-scattered pay one latency each, all-reduced on a
+    cluster that merges all-reduces one in all (twice the bytes); with nothing merged,
+    all-reduce never wins and the search does not price it."""
+    graph = transformer(layers=4, embed=1024, heads=8, mlp=4096, vocab=8192, batch=16,
+                        length=512)
+    stack = next(g for g in graph.groups if g.name == "blocks")
+    plan = Plan(mesh=(("fsdp", 8),), microbatches=2)
+    sharded = sum("embed" in p.logical_axes for p in stack.params)
+    assert sharded > 1
+    _, latency = MERGES_ALL_REDUCES.link(8, 1)
+    scattered = group_terms(stack, plan, MERGES_ALL_REDUCES)
+    reduced = group_terms(stack, dataclasses.replace(plan, grad_reduce="all-reduce"),
+                          MERGES_ALL_REDUCES)
+    layers_times_m = 4 * 2
+    assert scattered.latency_s - reduced.latency_s == pytest.approx(
+        (sharded - 1) * layers_times_m * latency)
+    assert reduced.collective_bytes["all-reduce"] == pytest.approx(
+        8 * scattered.collective_bytes["reduce-scatter"])
+    assert grad_reductions(plan, MERGES_ALL_REDUCES) == GRAD_REDUCE
+    assert grad_reductions(plan, a100_80gb(num_nodes=1)) == ("reduce-scatter",)
+    assert grad_reductions(Plan(mesh=(("data", 8),)), MERGES_ALL_REDUCES) == ("reduce-scatter",)
+    assert describe(dataclasses.replace(plan, grad_reduce="all-reduce")) == (
+        "fsdp8 m2 grads all-reduce")

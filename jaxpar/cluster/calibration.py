@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from jaxpar.cluster import probe
-from jaxpar.cluster.devices import _host_memory_bytes
+from jaxpar.cluster.devices import _host_memory_bytes, combined_kinds
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.fit import TERMS, fit_scales, scaled
 from jaxpar.timing import alone
@@ -41,7 +41,7 @@ STREAM_BYTES = 64 * 2**20  # per device: far beyond any cache, as a model's para
 _STREAM_PASSES = 4  # read-modify-write passes over the buffer in one program
 _REPEATS = 5  # timed calls per measurement, after one warm-up call
 _LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
-_CACHE_FORMAT = 5  # bump when the cached record changes: older caches are measured again
+_CACHE_FORMAT = 6  # bump when the cached record changes: older caches are measured again
 
 
 def ring_factor(kind: str, group: int) -> float:
@@ -110,7 +110,7 @@ def calibrate(devices: Sequence[jax.Device] | None = None, cache_dir: str | Path
         inter_node_bandwidth=link["bandwidth"], inter_node_latency=link["latency"],
         memory_bandwidth=record["memory"]["all_devices"],
         latency_per_device=link["latency_per_device"], dispatch_latency=record["dispatch"],
-        source="measured")
+        combined_kinds=combined_kinds(tuple(devices)), source="measured")
     record["step_fit"] = fit_steps(record["steps"], isolated)
     cluster = dataclasses.replace(scaled(isolated, record["step_fit"]["scales"]),
                                   source="calibrated")

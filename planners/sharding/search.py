@@ -1,7 +1,8 @@
 """Sharding planner: the fastest plan that fits in memory, found exactly.
 
-Outer loop: every mesh shape data x fsdp x tensor whose product is the device count, and
-each ZeRO level; a provably small space (d(N)^2 shapes, 66 for 1024 devices). Inner
+Outer loop: every mesh shape data x fsdp x tensor whose product is the device count, each
+ZeRO level, and each way of reducing fsdp gradients that can win on the cluster
+(`grad_reductions`); a provably small space (d(N)^2 shapes, 66 for 1024 devices). Inner
 problem, per shape: a MILP with HiGHS over the choices that interact through the memory
 budget: for every layer group, whether its parameters are split over `fsdp` or
 replicated, plus the plan-wide remat policy and microbatch count. A group's cost depends on
@@ -33,6 +34,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from jaxpar.plan import (
     DEFAULT_RULES,
+    GRAD_REDUCE,
     MESH_AXES,
     REMAT,
     Alternative,
@@ -93,6 +95,8 @@ def describe(plan: Plan) -> str:
         name += " remat" if plan.remat == "full" else f" remat={plan.remat}"
     if plan.zero:
         name += " zero1"
+    if plan.grad_reduce != GRAD_REDUCE[0]:
+        name += f" grads {plan.grad_reduce}"
     replicated = [pattern_group(pattern) for pattern, _ in plan.group_rules]
     if replicated and plan.axis_size("fsdp") > 1:
         name += f" ({','.join(replicated)} unsharded)"
@@ -277,8 +281,9 @@ def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options
         if graph.batch_size % dp:
             continue
         micro = [m for m in divisors(graph.batch_size // dp) if m <= max_microbatches]
-        for zero in (0, 1) if dp > 1 else (0,):
-            base_z = dataclasses.replace(base, zero=zero)
+        for zero, reduce in itertools.product((0, 1) if dp > 1 else (0,),
+                                              grad_reductions(base, cluster)):
+            base_z = dataclasses.replace(base, zero=zero, grad_reduce=reduce)
             combos = _combos(graph, base_z, cluster, options, micro)
             if combos is None:
                 break
@@ -290,6 +295,25 @@ def _search(graph: ModelGraph, cluster: Cluster, budget: float, options: Options
             else:
                 solutions.append(found)
     return solutions, infeasible
+
+
+def grad_reductions(base: Plan, cluster: Cluster) -> tuple[str, ...]:
+    """The `Plan.grad_reduce` forms worth pricing on `base`'s mesh: all-reduce moves twice
+    the bytes of reduce-scatter in as many collectives, so it can win only where the
+    compiler merges all-reduces and not reduce-scatters, and only with fsdp."""
+    combined = cluster.combined_kinds
+    if (base.axis_size("fsdp") > 1 and "all-reduce" in combined
+            and "reduce-scatter" not in combined):
+        return GRAD_REDUCE
+    return GRAD_REDUCE[:1]
+
+
+def cheapest_grad_reduce(graph: ModelGraph, plan: Plan, cluster: Cluster,
+                         options: Options | None = None) -> Plan:
+    """`plan` with the `grad_reduce` form the cost model prices fastest on `cluster` (a tie
+    keeps reduce-scatter): the planner's choice for a layout given by hand."""
+    return min((dataclasses.replace(plan, grad_reduce=r) for r in grad_reductions(plan, cluster)),
+               key=lambda p: predict(graph, p, cluster, options).step_s)
 
 
 def plan_sharding(graph: ModelGraph, cluster: Cluster, memory_budget: float | None = None,
