@@ -142,6 +142,9 @@ def pipeline_bound(chunks: Sequence[Cost], name: str, p: int, m: int, v: int,
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
+    """A pipeline to price: p stages of `stage_plan`, v chunks per rank, m microbatches of
+    `microbatch_size` per replica, run by `schedule`."""
+
     p: int
     v: int
     m: int
@@ -151,6 +154,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
+        """'pp8 v2 interleaved_1f1b m64 b1 x dp6+tp8 remat'."""
         chunks = f" v{self.v}" if self.v > 1 else ""
         return (f"pp{self.p}{chunks} {self.schedule} m{self.m} b{self.microbatch_size} x "
                 f"{self.stage_plan.name}")

@@ -29,7 +29,7 @@ GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
-class PricedPipeline:
+class PricedPipeline(Candidate):
     """The search's record of one priced pipeline (`to_plan()` is what leaves the planner):
     p stages of `stage_plan` (one intra-stage sharding for every stage; all stages run the
     same layer program), v chunks per rank, m microbatches of `microbatch_size` per
@@ -39,12 +39,6 @@ class PricedPipeline:
     `stage_plan.microbatches` is 1: a stage program runs one microbatch at a time; m is the
     pipeline's."""
 
-    p: int
-    v: int
-    m: int
-    schedule: str
-    microbatch_size: int
-    stage_plan: Plan
     chunks: tuple[tuple[int, int], ...]
     stage_memory: tuple[dict[str, float], ...]
     pipeline_s: float
@@ -61,12 +55,6 @@ class PricedPipeline:
     def memory_bytes(self) -> float:
         """The largest rank's per-device bytes: what must fit the budget."""
         return max(sum(m.values()) for m in self.stage_memory)
-
-    @property
-    def name(self) -> str:
-        """'pp8 v2 interleaved_1f1b m64 b1 x dp6+tp8 remat'."""
-        return Candidate(self.p, self.v, self.m, self.schedule, self.microbatch_size,
-                         self.stage_plan).name
 
     def to_plan(self, source: str = "", alternatives: Sequence[Alternative] = ()) -> Plan:
         """The Plan the emitter runs: a `stage` axis of p before the stage mesh, the cut as
