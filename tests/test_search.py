@@ -18,6 +18,7 @@ from jaxpar.planners.sharding.search import (
     divisors,
     grad_reductions,
     group_pattern,
+    merging_grad_reduce,
     mesh_shapes,
     plan_sharding,
     replicate_over_fsdp,
@@ -289,5 +290,7 @@ def test_merged_collectives_pay_one_latency_per_layer_and_microbatch():
     assert grad_reductions(plan, MERGES_ALL_REDUCES) == GRAD_REDUCE
     assert grad_reductions(plan, a100_80gb(num_nodes=1)) == ("reduce-scatter",)
     assert grad_reductions(Plan(mesh=(("data", 8),)), MERGES_ALL_REDUCES) == ("reduce-scatter",)
+    assert merging_grad_reduce(plan, MERGES_ALL_REDUCES) == "all-reduce"
+    assert merging_grad_reduce(plan, a100_80gb(num_nodes=1)) == "reduce-scatter"
     assert describe(dataclasses.replace(plan, grad_reduce="all-reduce")) == (
         "fsdp8 m2 grads all-reduce")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from jaxpar.models.presets import PRESETS
 from jaxpar.named import named_plan
-from jaxpar.plan import REMAT, PlanError
+from jaxpar.plan import GRAD_REDUCE, REMAT, PlanError
 
 # ----------------------------------------------------------------------------- flags
 
@@ -35,6 +35,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="what each block saves for the backward pass: none (everything), "
                         "dots (matmul outputs; the rest is recomputed) or full (its input: "
                         "the block is recomputed); --remat alone means full")
+    p.add_argument("--grad-reduce", default=GRAD_REDUCE[0], choices=GRAD_REDUCE,
+                   help="how fsdp-sharded gradients are reduced: reduce-scatter (per "
+                        "parameter) or all-reduce (whole, then sliced: one collective per "
+                        "block where the compiler merges all-reduces only, as on CPU)")
     p.add_argument("--devices", type=int, default=8,
                    help="devices to use; on CPU this many are simulated")
     p.add_argument("--checkpoint-dir", default=None, help="resume from and save checkpoints here")
@@ -65,7 +69,8 @@ def _rate(flops_per_s: float) -> str:
 
 def train(args: argparse.Namespace) -> dict:
     """Run the training loop described by `args`; returns the results as a dict."""
-    plan = named_plan(args.plan, args.devices, microbatches=args.microbatches, remat=args.remat)
+    plan = named_plan(args.plan, args.devices, microbatches=args.microbatches, remat=args.remat,
+                      grad_reduce=args.grad_reduce)
     plan.check_batch(args.batch)
     simulate_cpu_devices(args.devices)
 

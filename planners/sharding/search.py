@@ -308,6 +308,12 @@ def grad_reductions(base: Plan, cluster: Cluster) -> tuple[str, ...]:
     return GRAD_REDUCE[:1]
 
 
+def merging_grad_reduce(plan: Plan, cluster: Cluster) -> str:
+    """The `grad_reduce` form that sends a layer's fsdp gradients as one collective on
+    `cluster`'s compiler: all-reduce where only all-reduces are merged, else reduce-scatter."""
+    return grad_reductions(plan, cluster)[-1]
+
+
 def cheapest_grad_reduce(graph: ModelGraph, plan: Plan, cluster: Cluster,
                          options: Options | None = None) -> Plan:
     """`plan` with the `grad_reduce` form the cost model prices fastest on `cluster` (a tie
