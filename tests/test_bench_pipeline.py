@@ -9,8 +9,8 @@ pytestmark = pytest.mark.xdist_group("bench_pipeline")  # its module fixture run
 
 
 @pytest.fixture(scope="module")
-def result(quick_script) -> dict:
-    return quick_script("bench_pipeline.py")  # plans on datasheet clusters: no calibration
+def result(quick_bench) -> dict:
+    return quick_bench("bench_pipeline.py")
 
 
 def test_simulated_bubbles_follow_the_formulas(result):
