@@ -147,6 +147,17 @@ def load_measurements(devices: Sequence[jax.Device] | None = None,
     return json.loads(_cache_path(devices, cache_dir).read_text())
 
 
+def measured_peak(devices: Sequence[jax.Device] | None = None,
+                  cache_dir: str | Path | None = None) -> float | None:
+    """The matmul FLOP/s per device with all of `devices` busy, from the cached calibration
+    (the isolated figure, before the step fit); None if the devices were never calibrated."""
+    try:
+        record = load_measurements(devices, cache_dir)
+    except FileNotFoundError:
+        return None
+    return float(record["isolated_cluster"]["peak_flops"])
+
+
 def _cache_path(devices: Sequence[jax.Device], cache_dir: str | Path | None) -> Path:
     root = cache_dir or os.environ.get("JAXPAR_CACHE") or "~/.cache/jaxpar"
     kind = "".join(c if c.isalnum() else "_" for c in devices[0].device_kind)

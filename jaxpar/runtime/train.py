@@ -1,7 +1,8 @@
 """Train a GPT preset on the Python standard library's bytes under a named plan.
 
 `python -m jaxpar.runtime.train --plan dp2+tp4` runs on 8 simulated CPU devices by default and
-prints the plan, a progress bar with loss, tokens/s and model FLOP/s, and the loss drop.
+prints the plan, a progress bar with loss, tokens/s, model FLOP/s and MFU (the planner's
+FLOP count of the step against the devices' peak), and the loss drop.
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ def _rate(flops_per_s: float) -> str:
     return f"{flops_per_s / scale:.2f} {unit}"
 
 
+def peak_flops(devices) -> tuple[float | None, str]:
+    """Per-device peak FLOP/s for MFU and where it comes from: an accelerator's datasheet;
+    on anything else (the CPU) the matmul rate `jaxpar.calibrate()` measured, if it ran."""
+    from jaxpar.cluster.calibration import measured_peak
+    from jaxpar.cluster.devices import local_cluster
+
+    cluster = local_cluster(devices)
+    if cluster.source == "datasheet":
+        return cluster.peak_flops, f"{cluster.name} datasheet"
+    measured = measured_peak(devices)
+    return measured, "calibrated matmul rate" if measured else "not calibrated"
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -80,7 +94,9 @@ def train(args: argparse.Namespace) -> dict:
 
     from jaxpar.api import parallelize
     from jaxpar.models import gpt
+    from jaxpar.planners.pipeline.result import step_flops
     from jaxpar.runtime.data import ByteCorpus
+    from jaxpar.tracing.graph import trace_graph
 
     devices = jax.devices()
     if len(devices) < args.devices:
@@ -96,8 +112,8 @@ def train(args: argparse.Namespace) -> dict:
                             optax.adamw(schedule, b2=0.99, weight_decay=0.1))
     corpus = ByteCorpus(seed=args.seed)
     example = corpus.batch(0, args.batch, args.length)
-    par = parallelize(gpt.build(cfg, length=max(cfg.length, args.length)), optimizer,
-                      gpt.lm_loss, plan, example, devices[: args.devices])
+    model_fn = gpt.build(cfg, length=max(cfg.length, args.length))
+    par = parallelize(model_fn, optimizer, gpt.lm_loss, plan, example, devices[: args.devices])
     print(par.plan)
 
     # ---- state: resume from the latest checkpoint, or initialise
@@ -109,8 +125,14 @@ def train(args: argparse.Namespace) -> dict:
     if start:
         print(f"resumed from step {start} in {args.checkpoint_dir}")
 
+    # ---- FLOPs: the planner's count of the traced step (3 x forward), and the devices' peak
+    graph = trace_graph(model_fn, gpt.lm_loss, example)
+    tokens_per_step = args.batch * args.length
+    flops_per_token = step_flops(graph, "none")[0] / tokens_per_step
+    peak, peak_source = peak_flops(devices[: args.devices])
+    total_peak = peak * args.devices if peak else None
+
     # ---- loop: the first step compiles, so rates count only the steps after it
-    tokens_per_step, flops_per_token = args.batch * args.length, cfg.flops_per_token(args.length)
     losses, t0, tokens_per_s = [], 0.0, 0.0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
@@ -122,8 +144,10 @@ def train(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
         else:
             tokens_per_s = tokens_per_step * (len(losses) - 1) / (time.perf_counter() - t0)
+            flops_per_s = flops_per_token * tokens_per_s
+            mfu = f"{flops_per_s / total_peak:.1%}" if total_peak else "n/a"
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                            model=_rate(flops_per_token * tokens_per_s))
+                            model=_rate(flops_per_s), mfu=mfu)
         if ckpt:
             ckpt.save(step + 1, state, force=step + 1 == args.steps)
     bar.close()
@@ -131,8 +155,18 @@ def train(args: argparse.Namespace) -> dict:
         ckpt.close()
 
     # ---- report: end loss is the mean of the last 10 steps (fewer if the run is shorter)
+    flops_per_s = flops_per_token * tokens_per_s
     results = {"plan": plan.name, "model": args.model, "start_step": start, "steps": args.steps,
-               "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_token * tokens_per_s}
+               "tokens_per_s": tokens_per_s, "model_flops_per_step": flops_per_token
+               * tokens_per_step, "model_flops_per_s": flops_per_s,
+               "peak_flops_per_device": peak, "peak_source": peak_source,
+               "mfu": flops_per_s / total_peak if total_peak and tokens_per_s else None}
+    if results["mfu"] is not None:
+        print(f"MFU {results['mfu']:.1%}: {_rate(flops_per_s)} of {args.devices} x "
+              f"{_rate(peak)} ({peak_source})")
+    elif tokens_per_s:
+        print(f"MFU not known: no peak FLOP/s for {devices[0].device_kind} devices "
+              "(run jaxpar.calibrate() once to measure it)")
     if losses:
         results |= {"start_loss": losses[0], "end_loss": sum(losses[-10:]) / len(losses[-10:]),
                     "final_loss": losses[-1]}
