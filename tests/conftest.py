@@ -10,7 +10,8 @@ The suite runs on two pytest-xdist workers. One calibration serves the session: 
 worker to collect a test that needs it starts it in the background at once, and the tests
 that need it run last. While it times (and only then) no other test runs: each test holds
 the timing lock shared (`jaxpar.timing.working`), the calibration holds it exclusively
-around its timed steps (`jaxpar.timing.alone`); compiling, it shares the cores.
+around its timed steps (`jaxpar.timing.alone`); compiling, it shares the cores, ahead of
+the test processes, which lower their priority once it has started.
 """
 
 import contextlib
@@ -28,6 +29,7 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0"
 _SHARED = "JAXPAR_TEST_SHARED"  # a directory every worker of the session sees
 _CALIBRATED = ("calibration_cache", "quick_bench")  # fixtures that need the calibration
 _CALIBRATION_TIMEOUT = 1500  # seconds
+_TEST_NICENESS = 10  # test processes yield the cores to the calibration's compiles
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=8".strip()
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
@@ -91,10 +93,18 @@ _calibration: subprocess.Popen | None = None  # the calibration this process sta
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need the calibration run last (every worker sorts alike); if any is
-    collected, the calibration starts now, once per session."""
+    collected, the calibration starts now, once per session, and this process steps back
+    (`_TEST_NICENESS`): the calibration is the session's longest path (the tests that need
+    it wait for it), so its compiles go first when both want the cores."""
     items.sort(key=_needs_calibration)
     if not any(map(_needs_calibration, items)):
         return
+    _start_calibration()
+    os.nice(_TEST_NICENESS)
+
+
+def _start_calibration() -> None:
+    """Start the session's calibration in a subprocess, unless another worker did."""
     shared = Path(os.environ[_SHARED])
     try:
         os.close(os.open(shared / "calibration.started", os.O_CREAT | os.O_EXCL))
