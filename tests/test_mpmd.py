@@ -1,6 +1,7 @@
 """The MPMD pipeline runtime equals the single-device program and stashes what its schedule
 says. Cases cover every schedule, p in {2, 4, 8}, v in {1, 2} and m in {4, 8}, with dp,
-tp or nothing inside the stages, plus remat, ZeRO-1 and an uneven cut; not the cross
+fsdp (its gradients all-reduced: `grad_reduce`), tp or nothing inside the stages, plus remat,
+ZeRO-1 and an uneven cut; not the cross
 product, since every chunk's programs compile separately (each case compiles once and
 serves every test)."""
 
@@ -40,7 +41,8 @@ CASES = {
     "1f1b-pp2-dp4-m4-remat": ("pp2+dp4", Pipeline("1f1b"), 4, {"zero": 1, "remat": True}),
     "1f1b-pp8-m4": ("pp8", Pipeline("1f1b"), 4, {}),
     "interleaved-pp2-v2-tp4-m4": ("pp2+tp4", Pipeline("interleaved_1f1b", virtual=2), 4, {}),
-    "zb-pp4-dp2-m8-cut1322": ("pp4+dp2", Pipeline("zero_bubble_h1", cut=(1, 3, 2, 2)), 8, {}),
+    "zb-pp4-fsdp2-m8-cut1322": ("pp4+fsdp2", Pipeline("zero_bubble_h1", cut=(1, 3, 2, 2)), 8,
+                                {"grad_reduce": "all-reduce"}),
 }
 
 
