@@ -127,8 +127,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # ---- FLOPs: the planner's count of the traced step (3 x forward), and the devices' peak
     graph = trace_graph(model_fn, gpt.lm_loss, example)
-    tokens_per_step = args.batch * args.length
-    flops_per_token = step_flops(graph, "none")[0] / tokens_per_step
+    tokens_per_step, flops_per_step = args.batch * args.length, step_flops(graph, "none")[0]
     peak, peak_source = peak_flops(devices[: args.devices])
     total_peak = peak * args.devices if peak else None
 
@@ -144,7 +143,7 @@ def train(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
         else:
             tokens_per_s = tokens_per_step * (len(losses) - 1) / (time.perf_counter() - t0)
-            flops_per_s = flops_per_token * tokens_per_s
+            flops_per_s = flops_per_step * tokens_per_s / tokens_per_step
             mfu = f"{flops_per_s / total_peak:.1%}" if total_peak else "n/a"
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                             model=_rate(flops_per_s), mfu=mfu)
@@ -155,10 +154,10 @@ def train(args: argparse.Namespace) -> dict:
         ckpt.close()
 
     # ---- report: end loss is the mean of the last 10 steps (fewer if the run is shorter)
-    flops_per_s = flops_per_token * tokens_per_s
+    flops_per_s = flops_per_step * tokens_per_s / tokens_per_step
     results = {"plan": plan.name, "model": args.model, "start_step": start, "steps": args.steps,
-               "tokens_per_s": tokens_per_s, "model_flops_per_step": flops_per_token
-               * tokens_per_step, "model_flops_per_s": flops_per_s,
+               "tokens_per_s": tokens_per_s, "model_flops_per_step": flops_per_step,
+               "model_flops_per_s": flops_per_s,
                "peak_flops_per_device": peak, "peak_source": peak_source,
                "mfu": flops_per_s / total_peak if total_peak and tokens_per_s else None}
     if results["mfu"] is not None:
