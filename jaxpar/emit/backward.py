@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
+from jaxpar.primitives import scan_arity
+
 # loops of at most this many steps are unrolled, so that W can take over their per-step
 # weight-gradient work; a longer loop stays one equation, recomputed in W if W needs it
 MAX_UNROLL = 64
@@ -44,7 +46,7 @@ def _inlined(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
             outs = (_inlined(body.jaxpr, body.consts, ins) if isinstance(body, core.ClosedJaxpr)
                     else _inlined(body, (), ins))
         elif name == "scan" and 0 < params["length"] <= MAX_UNROLL:
-            outs = _unrolled_scan(ins, **params)
+            outs = _unrolled_scan(ins, params)
         else:
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(params))
@@ -55,8 +57,9 @@ def _inlined(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
     return [read(v) for v in jaxpr.outvars]
 
 
-def _unrolled_scan(args: list, *, jaxpr: core.ClosedJaxpr, num_consts: int, num_carry: int,
-                   length: int, reverse: bool, **_) -> list:
+def _unrolled_scan(args: list, params: dict) -> list:
+    jaxpr, length, reverse = params["jaxpr"], params["length"], params["reverse"]
+    num_consts, num_carry = scan_arity(params)
     consts, carry = args[:num_consts], args[num_consts:num_consts + num_carry]
     xs = args[num_consts + num_carry:]
     ys: list[list] = [None] * length

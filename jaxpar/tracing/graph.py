@@ -28,6 +28,7 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.extend import core
+from jax.sharding import AbstractMesh, AxisType
 
 from jaxpar import context
 from jaxpar.plan import DEFAULT_RULES, REMAT, ParamInfo, Plan
@@ -46,7 +47,8 @@ def _probe(infos: dict[str, ParamInfo], remat: str) -> tuple[Plan, jax.sharding.
                    | {a for i in infos.values() for a in i.logical_axes if a is not None})
     plan = Plan(mesh=tuple((n, 2) for n in names), rules=tuple((n, (n,)) for n in names),
                 remat=remat)
-    return plan, jax.sharding.AbstractMesh((1,) * len(names), tuple(names))
+    return plan, AbstractMesh((1,) * len(names), tuple(names),
+                              axis_types=(AxisType.Auto,) * len(names))
 
 
 def _saved(loss: Callable, params: dict, batch: Any, infos: dict[str, ParamInfo],

@@ -12,6 +12,7 @@ from jax.extend import core
 
 from jaxpar.plan import ParamInfo
 from jaxpar.planners.graph import Matmul
+from jaxpar.primitives import scan_arity
 from jaxpar.tracing.names import (
     CONST,
     Names,
@@ -135,7 +136,7 @@ class Walker:
         the outputs it stacks gain a leading `layers` dim. Carries keep their initial names
         (and those the body gives them)."""
         p = eqn.params
-        n_const, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+        (n_const, n_carry), length = scan_arity(p), p["length"]
         xs = ins[n_const + n_carry:]
         lead: str | None = None  # the name of the stacking dim of the outputs
         for ref in xs:
