@@ -22,6 +22,7 @@ _EXPORTS = {
     "TrainState": "jaxpar.emit.state",
     "constrain": "jaxpar.context",
     "layer": "jaxpar.context",
+    "attention": "jaxpar.softmax_attention",
     "Pipeline": "jaxpar.plan",
     "Stages": "jaxpar.tracing.stages",
 }

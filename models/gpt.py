@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxpar.context import constrain
 from jaxpar.models.presets import GPTConfig, preset
+from jaxpar.softmax_attention import attention
 from jaxpar.tracing.stages import Stages, run_stack
 
 
@@ -64,7 +65,7 @@ class Attention(nnx.Module):
         q, k, v = (constrain(proj(x), names) for proj in (self.query, self.key, self.value))
         if self.cfg.positions == "rotary":
             q, k = rotary(q), rotary(k)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        y = attention(q, k, v, causal=True)
         return constrain(self.out(constrain(y, names)), ("batch", "length", "embed"))
 
 
