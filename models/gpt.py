@@ -48,11 +48,11 @@ def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        shape = (cfg.embed, cfg.heads, cfg.head_dim)
-        qkv_init = _init(0.02, ("embed", "heads", "kv"))
-        self.query = nnx.Einsum("btd,dhk->bthk", shape, kernel_init=qkv_init, rngs=rngs)
-        self.key = nnx.Einsum("btd,dhk->bthk", shape, kernel_init=qkv_init, rngs=rngs)
-        self.value = nnx.Einsum("btd,dhk->bthk", shape, kernel_init=qkv_init, rngs=rngs)
+        # query, key and value projections fused into one matmul (one weight to gather)
+        self.qkv = nnx.Einsum(
+            "btd,dshk->btshk", (cfg.embed, 3, cfg.heads, cfg.head_dim),
+            kernel_init=_init(0.02, ("embed", None, "heads", "kv")), rngs=rngs,
+        )
         self.out = nnx.Einsum(
             "bthk,hkd->btd",
             (cfg.heads, cfg.head_dim, cfg.embed),
@@ -62,7 +62,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         names = ("batch", "length", "heads", "kv")
-        q, k, v = (constrain(proj(x), names) for proj in (self.query, self.key, self.value))
+        qkv = constrain(self.qkv(x), ("batch", "length", None, "heads", "kv"))
+        q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
         if self.cfg.positions == "rotary":
             q, k = rotary(q), rotary(k)
         y = attention(q, k, v, causal=True)

@@ -57,9 +57,7 @@ def test_gpt_matmuls_name_their_logical_axes(tiny):
     blocks = {m.param.removeprefix("blocks/"): (m.contracting, m.free)
               for m in groups["blocks"].matmuls}
     assert blocks == {
-        "attention/query/kernel": (("embed",), ("heads", "kv")),
-        "attention/key/kernel": (("embed",), ("heads", "kv")),
-        "attention/value/kernel": (("embed",), ("heads", "kv")),
+        "attention/qkv/kernel": (("embed",), ("heads", "kv")),  # its (q, k, v) dim unnamed
         "attention/out/kernel": (("heads", "kv"), ("embed",)),
         "mlp/up/kernel": (("embed",), ("mlp",)),
         "mlp/down/kernel": (("mlp",), ("embed",)),

@@ -187,7 +187,8 @@ def walk_jaxpr(fn: Callable, args: tuple, infos: dict[str, ParamInfo], groups: d
     output and the output's shape tree. Batch inputs are named `batch` in their first dim."""
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(args[0])[0]]
-    ins: list = [ParamView(p, tuple((a,) for a in infos[p].logical_axes)) for p in paths]
+    ins: list = [ParamView(p, tuple(() if a is None else (a,) for a in infos[p].logical_axes))
+                 for p in paths]  # an unnamed dim has no names
     ins += [("batch",) + (None,) * (len(shape_of(v)) - 1) if shape_of(v) else ()
             for v in closed.jaxpr.invars[len(ins):]]
     walker = Walker(groups, repeat)
