@@ -1,8 +1,7 @@
 # ruff: noqa: E402  (XLA reads the device-count flag when jax is first imported)
-"""Benchmark of the sharding planner against the clock, the literature and the program a
-user would write by hand.
+"""Benchmark of the sharding planner against the clock and the literature.
 
-Four parts, written to one JSON file (default docs/bench_planner.json) and printed as tables:
+Three parts, written to one JSON file (default docs/bench_planner.json) and printed as tables:
 
 1. Measured sweep, 8 simulated CPU devices, the calibrated CPU cluster
    (scripts/planner_sweep.py): per case the planner's pick against every mesh shape and
@@ -15,9 +14,8 @@ Four parts, written to one JSON file (default docs/bench_planner.json) and print
    the same analytic mixed-precision graph and cost options as the pipeline benchmark
    (`planners.megatron.MIXED`: the A100's datasheet peak, efficiency 1.0, so absolute
    TFLOP/s are optimistic: compare ratios).
-4. The hand-written peer (scripts/handwritten.py): for every named plan, jaxpar's step and
-   a plain `jax.jit` program of the same layout, model, optimizer and batch, checked to give
-   the same losses, then timed interleaved; jaxpar / hand-written per plan.
+
+jaxpar's step against its peers (the hand-written program, MaxText) is scripts/bench_peers.py.
 
     python scripts/bench_planner.py                  # full: about 25 minutes on 2 cores
     python scripts/bench_planner.py --quick --out /tmp/bench.json   # CI smoke
@@ -40,13 +38,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-from handwritten import handwritten
-from planner_sweep import FULL, LARGE_GROUP, QUICK, RACE_MARGIN, Case, _gpt, sweep_case
+from planner_sweep import FULL, LARGE_GROUP, QUICK, RACE_MARGIN, sweep_case
 
 import jaxpar
 from jaxpar.cluster.calibration import load_measurements
-from jaxpar.cluster.probe import example_batch
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import preset
 from jaxpar.named import named_plan
@@ -59,18 +54,17 @@ from jaxpar.planners.pipeline.result import step_flops
 from jaxpar.planners.sharding.search import (
     describe,
     divisors,
-    merging_grad_reduce,
     plan_sharding,
 )
 from jaxpar.report import run_meta, text_table, write_result
-from jaxpar.timing import QUIET_CORES, Timed, interleave
+from jaxpar.timing import QUIET_CORES
 from jaxpar.tracing.graph import trace_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_CSV = ROOT / "data" / "megatron_gpt_configs.csv"
 GiB = 2**30
 NUM_DEVICES = 8
-PARTS = ("planning", "megatron", "peers", "sweep")
+PARTS = ("planning", "megatron", "sweep")
 
 
 def abstract_batch(batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -153,49 +147,6 @@ def megatron_row(row: dict) -> dict:
             "plan_s": plan_s, "plans": plans}
 
 
-# ================================================================ 4. the hand-written peer
-@dataclasses.dataclass(frozen=True)
-class Peers:
-    case: Case
-    plans: tuple[str, ...]
-    rounds: int
-    steps_per_round: int
-
-
-NAMED = ("dp8", "fsdp8", "tp8", "dp2+tp4", "dp4+fsdp2", "fsdp2+tp4", "dp2+fsdp2+tp2")
-FULL_PEERS = Peers(Case("e384-l3 b16 s64", _gpt(384, 3, 64, 1024), 16), NAMED, 15, 3)
-QUICK_PEERS = Peers(Case("e32-l1 b8 s16", _gpt(32, 1, 16, 128), 8), ("dp8", "fsdp8"), 2, 2)
-
-
-def peer(case: Case, spec: str, peers: Peers, cluster: Cluster, seed: int) -> dict:
-    """jaxpar's step and the hand-written program for the named plan `spec`, its fsdp
-    gradients reduced in the form `cluster`'s compiler merges into one collective per layer
-    (`merging_grad_reduce`): the same losses over two steps from the same initial state,
-    then interleaved timing."""
-    host = example_batch(case.cfg, case.batch, seed)
-    optimizer = optax.adamw(1e-3)
-    named = named_plan(spec, NUM_DEVICES)
-    plan = dataclasses.replace(named, grad_reduce=merging_grad_reduce(named, cluster))
-    par = jaxpar.parallelize(build(case.cfg), optimizer, lm_loss, plan, host)
-    init, step, shard = handwritten(build(case.cfg), optimizer, lm_loss, par.plan, host)
-    ours = Timed("jaxpar", par.step, par.init(jax.random.key(seed)), par.shard_batch(host))
-    theirs = Timed("hand-written", step, init(jax.random.key(seed)), shard(host))
-    losses: dict[str, list[float]] = {}
-    for clock in (ours, theirs):  # two steps from the same state, which also warm up
-        losses[clock.name] = []
-        for _ in range(2):
-            clock.state, metrics = clock.fn(clock.state, clock.batch)
-            losses[clock.name].append(float(metrics["loss"]))
-    interleave([ours, theirs], peers.rounds, peers.steps_per_round, seed)
-    return {"plan": spec, "grad_reduce": plan.grad_reduce,
-            "jaxpar_median_s": ours.median(), "handwritten_median_s":
-            theirs.median(), "ratio": ours.median() / theirs.median(),
-            "jaxpar_spread": ours.spread(), "handwritten_spread": theirs.spread(),
-            "steps": len(ours.samples), "losses": losses,
-            "loss_max_rel_diff": max(abs(a - b) / abs(b) for a, b in
-                                     zip(losses["jaxpar"], losses["hand-written"]))}
-
-
 # ================================================================ printing
 def print_sweep(cases: list[dict]) -> None:
     rows = [[c["case"], c["configs"], c["pick"], c["best"], f"{c['ratio']:.3f}x",
@@ -225,16 +176,6 @@ def print_megatron(rows: list[dict]) -> None:
                       "GiB"], out))
 
 
-def print_peers(rows: list[dict]) -> None:
-    print(text_table(["plan", "grad reduce", "jaxpar ms", "hand-written ms", "jaxpar / hand",
-                      "spreads", "loss diff"],
-                     [[r["plan"], r["grad_reduce"], r["jaxpar_median_s"] * 1e3,
-                       r["handwritten_median_s"] * 1e3,
-                       f"{r['ratio']:.3f}x", f"{r['jaxpar_spread']:.1%} / "
-                       f"{r['handwritten_spread']:.1%}", f"{r['loss_max_rel_diff']:.1e}"]
-                      for r in rows]))
-
-
 # ================================================================ main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -248,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "default: all)")
     args = parser.parse_args(argv)
     parts = args.part or PARTS
-    settings, peers = (QUICK, QUICK_PEERS) if args.quick else (FULL, FULL_PEERS)
+    settings = QUICK if args.quick else FULL
     if args.case:
         chosen = tuple(c for c in settings.cases if any(n in c.name for n in args.case))
         settings = dataclasses.replace(settings, cases=chosen)
@@ -258,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"need {NUM_DEVICES} devices, found {jax.device_count()}; "
                          f"set XLA_FLAGS={_FLAG}={NUM_DEVICES}")
     started = time.perf_counter()
-    result: dict[str, Any] = {"meta": {**meta(args, settings, peers), "parts": list(parts)}}
+    result: dict[str, Any] = {"meta": {**meta(args, settings), "parts": list(parts)}}
 
     # pure planning first (seconds, no devices), then the measured parts (minutes)
     if "planning" in parts:
@@ -267,8 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
         print_planning(result["planning"])
     if "megatron" in parts:
         megatron(result, settings)
-    if "peers" in parts:
-        peers_part(result, peers, args.seed)
     if "sweep" in parts:
         sweep(result, settings, args.seed)
     result["targets"] = targets(result)
@@ -286,17 +225,6 @@ def megatron(result: dict, settings) -> None:
     print_megatron(result["megatron"]["rows"])
 
 
-def peers_part(result: dict, peers: Peers, seed: int) -> None:
-    print(f"\n== jaxpar against the hand-written program, {peers.case.name}", flush=True)
-    result["peers"] = {"case": peers.case.name, "config": dataclasses.asdict(peers.case.cfg),
-                       "batch": peers.case.batch, "plans": []}
-    cluster = jaxpar.local_cluster()  # what the compiler merges; no calibration needed
-    for spec in peers.plans:
-        print(f"  {spec}", file=sys.stderr, flush=True)
-        result["peers"]["plans"].append(peer(peers.case, spec, peers, cluster, seed))
-    print_peers(result["peers"]["plans"])
-
-
 def sweep(result: dict, settings, seed: int) -> None:
     print("\n== measured sweep, 8 CPU devices", flush=True)
     cluster = jaxpar.calibrate()
@@ -312,7 +240,7 @@ def sweep(result: dict, settings, seed: int) -> None:
     print_sweep(result["sweep"])
 
 
-def meta(args: argparse.Namespace, settings, peers: Peers) -> dict:
+def meta(args: argparse.Namespace, settings) -> dict:
     return {**run_meta("scripts/bench_planner.py"), "quick": args.quick, "seed": args.seed,
             "rule_sets": {"subsets": "per mesh shape with fsdp > 1: every subset of the large "
                           f"groups (>= {LARGE_GROUP:.0%} of parameter bytes) replicated over "
@@ -333,14 +261,7 @@ def meta(args: argparse.Namespace, settings, peers: Peers) -> dict:
                       f"get rounds up to {settings.race_samples} steps each, for up to "
                       f"{settings.race_budget_s:g} s per case. Measured = median of clean "
                       f"steps (of all steps, flagged 'contended', if too few); spread = "
-                      f"IQR / median",
-            "peer_plans": "each named plan with its fsdp gradients reduced in the form the "
-                          "local compiler merges into one collective per layer "
-                          "(merging_grad_reduce: all-reduce on XLA's CPU)",
-            "peer_timing": f"2 untimed steps each (their losses compared), then "
-                           f"{peers.rounds} interleaved rounds x {peers.steps_per_round} "
-                           "steps of jaxpar and the hand-written program in random order; "
-                           "median of the clean steps (all, if none is clean)"}
+                      f"IQR / median"}
 
 
 def targets(result: dict) -> dict:
@@ -357,12 +278,6 @@ def targets(result: dict) -> dict:
         on_1024 = [e for e in result["planning"] if e["devices"] == 1024]
         out["plan_175b_1024_process_s"] = on_1024[0]["total_process_s"] if on_1024 else None
         out["plan_175b_1024_under_10s"] = bool(on_1024) and on_1024[0]["total_process_s"] < 10
-    if "peers" in result:
-        peers = result["peers"]["plans"]
-        out.update({"max_jaxpar_over_handwritten": max(r["ratio"] for r in peers),
-                    "no_slower_than_handwritten_1.03": all(r["ratio"] <= 1.03 for r in peers),
-                    "same_losses_as_handwritten": all(r["loss_max_rel_diff"] < 1e-5
-                                                      for r in peers)})
     return out
 
 
