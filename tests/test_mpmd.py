@@ -139,7 +139,9 @@ def test_an_update_coupling_the_chunks_is_refused_by_mpmd_and_trains_in_spmd():
     """clip_by_global_norm needs the whole model's gradient norm, which no chunk sees alone:
     the MPMD form refuses it (the check runs the optimizer eagerly on a few small arrays,
     before any of the chunks' programs); the SPMD form trains like one device."""
-    clipped = optax.chain(optax.clip_by_global_norm(0.05), optax.adamw(1e-2))
+    # clipped SGD: a coupled update whose parameters compare entry by entry (under Adam,
+    # near-zero layer-norm bias gradients turn fp32 summation-order noise into 1.8e-4)
+    clipped = optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(0.5))
     pieces = Pieces.of(MODEL, gpt.lm_stages)
     assert updates_chunks_alone(optax.adamw(1e-3), pieces)
     assert not updates_chunks_alone(clipped, pieces)
@@ -150,4 +152,4 @@ def test_an_update_coupling_the_chunks_is_refused_by_mpmd_and_trains_in_spmd():
     spmd = dataclasses.replace(plan, remat="dots", pipeline=Pipeline("1f1b", form="spmd"))
     par = jaxpar.parallelize(MODEL, clipped, gpt.lm_stages, spmd, BATCHES[0])
     want = single_device_run(MODEL, clipped, gpt.lm_loss, BATCHES)
-    assert_same_run(parallel_run(par, BATCHES), want, elementwise=False)
+    assert_same_run(parallel_run(par, BATCHES), want, elementwise=True)
