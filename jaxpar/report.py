@@ -59,6 +59,12 @@ def text_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """The same table in Markdown, for docs written from a stored result."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows])
+
+
 def _fmt(c: Any) -> str:
     if isinstance(c, float):
         return "-" if not math.isfinite(c) else f"{c:.3g}" if abs(c) < 100 else f"{c:.0f}"

@@ -31,7 +31,9 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,13 @@ from handwritten import handwritten
 
 import jaxpar
 from jaxpar.cluster.probe import example_batch
+from jaxpar.hlo import KINDS, collective_bytes_per_step, count
 from jaxpar.models.gpt import build, lm_loss
 from jaxpar.models.presets import GPTConfig, preset
 from jaxpar.named import named_plan
 from jaxpar.planners.pipeline.result import step_flops
 from jaxpar.planners.sharding.search import merging_grad_reduce
-from jaxpar.report import run_meta, text_table, write_result
+from jaxpar.report import markdown_table, run_meta, text_table, write_result
 from jaxpar.runtime.train import peak_flops
 from jaxpar.timing import Timed, interleave
 from jaxpar.tracing.graph import trace_graph
@@ -84,17 +87,19 @@ QUICK = Settings((Case("tiny", preset("tiny"), 8),), ("dp8", "fsdp8"), 2, 1, 1)
 class MaxText:
     """MaxText's step in its own process (`maxtext_step.py --serve`), timed by itself."""
 
-    def __init__(self, python: Path, plan: str, cfg: GPTConfig, batch: int):
+    def __init__(self, python: Path, plan: str, cfg: GPTConfig, batch: int, hlo: Path):
         sizes = {"embed": cfg.embed, "layers": cfg.layers, "heads": cfg.heads,
                  "head-dim": cfg.head_dim, "mlp": cfg.mlp, "vocab": cfg.vocab,
                  "length": cfg.length, "batch": batch}
         argv = [str(python), str(ROOT / "scripts" / "maxtext_step.py"), "--plan", plan,
-                "--steps", "0", "--serve", *(f"--{k}={v}" for k, v in sizes.items())]
+                "--steps", "0", "--serve", f"--hlo-out={hlo}",
+                *(f"--{k}={v}" for k, v in sizes.items())]
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self.name, self.samples = "maxtext", []
         self.header = self._read()
+        self.header["hlo"] = hlo_summary(hlo.read_text())
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -126,9 +131,20 @@ def maxtext_python(path: Path) -> tuple[Path | None, str]:
     return path, ""
 
 
+def hlo_summary(text: str) -> dict:
+    """What the compiled step runs: collectives per kind (ops, and bytes per step with the
+    layer loop's trips), the fusions (kernels) and the copies and transposes left outside
+    them."""
+    ops = [line.split(" = ", 1)[1] for line in text.splitlines() if " = " in line]
+    return {"collectives": count(text), "collective_bytes": collective_bytes_per_step(text, 64),
+            **{name: sum(f" {op}(" in o for o in ops)
+               for name, op in (("fusions", "fusion"), ("copies", "copy"),
+                                ("transposes", "transpose"))}}
+
+
 def lowering(fn: Any, state: Any, batch: Any, repeats: int) -> dict:
     """Median seconds to trace + lower the step (caches cleared each time), then to compile
-    it, and the compiled program's per-device memory."""
+    it, and the compiled program's per-device memory and HLO summary."""
     lower_s = []
     for _ in range(repeats):
         jax.clear_caches()
@@ -136,10 +152,13 @@ def lowering(fn: Any, state: Any, batch: Any, repeats: int) -> dict:
         lowered = fn.trace(state, batch).lower()
         lower_s.append(time.perf_counter() - start)
     start = time.perf_counter()
-    stats = lowered.compile().memory_analysis()
-    return {"lower_s": statistics.median(lower_s), "compile_s": time.perf_counter() - start,
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    return {"lower_s": statistics.median(lower_s), "compile_s": compile_s,
             "memory": {k: getattr(stats, f"{k}_size_in_bytes")
-                       for k in ("argument", "output", "alias", "temp")}}
+                       for k in ("argument", "output", "alias", "temp")},
+            "hlo": hlo_summary(compiled.as_text())}
 
 
 def run_case(case: Case, spec: str, settings: Settings, python: Path | None, why: str,
@@ -162,10 +181,11 @@ def run_case(case: Case, spec: str, settings: Settings, python: Path | None, why
             run.state, metrics = run.fn(run.state, run.batch)
             out["peers"][run.name]["losses"].append(float(metrics["loss"]))
     if spec in MAXTEXT_PLANS and python is not None:
-        peer = MaxText(python, spec, case.cfg, case.batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            peer = MaxText(python, spec, case.cfg, case.batch, Path(tmp) / "step.hlo")
         runs.append(peer)
         out["peers"]["maxtext"] = {k: peer.header[k] for k in (
-            "lower_s", "compile_s", "memory", "losses", "num_params", "remat_policy",
+            "lower_s", "compile_s", "memory", "hlo", "losses", "num_params", "remat_policy",
             "maxtext_version", "jax_version")}
         for _ in range(2):
             peer.step()  # warm-up, as the others had
@@ -192,19 +212,27 @@ def run_case(case: Case, spec: str, settings: Settings, python: Path | None, why
     return out
 
 
-def print_case(case: dict) -> None:
+def print_case(case: dict, table: Callable = text_table) -> None:
     def cell(r: dict, name: str, key: str, fmt: str) -> str:
         p = r["peers"].get(name, {})
         return "skipped" if "skipped" in p else format(p[key], fmt) if p.get(key) else "-"
 
     rows = [[r["plan"], cell(r, "jaxpar", "median_s", ".4f"),
              cell(r, "hand-written", "median_s", ".4f"), cell(r, "maxtext", "median_s", ".4f"),
-             f"{r['over_hand-written']:.3f}", f"{r.get('over_maxtext', float('nan')):.3f}",
+             f"{r['over_hand-written']:.3f}",
+             f"{r['over_maxtext']:.3f}" if "over_maxtext" in r else "-",
              f"{r['lower_over_hand-written']:.2f}", cell(r, "jaxpar", "mfu", ".1%"),
              cell(r, "maxtext", "mfu", ".1%"),
              f"{r['peers']['jaxpar']['memory']['temp'] / 2**20:.1f}"] for r in case["plans"]]
-    print(text_table(["plan", "jaxpar s", "hand s", "maxtext s", "/hand", "/maxtext",
+    print(table(["plan", "jaxpar s", "hand s", "maxtext s", "/hand", "/maxtext",
                       "lower /hand", "MFU", "MaxText MFU", "temp MiB"], rows))
+    hlo = [[r["plan"], name, "/".join(str(p["hlo"]["collectives"][k]) for k in KINDS[:3]),
+            f"{sum(p['hlo']['collective_bytes'].values()) / 2**20:.1f}", p["hlo"]["fusions"],
+            p["hlo"]["copies"], p["hlo"]["transposes"], f"{p['memory']['temp'] / 2**20:.1f}"]
+           for r in case["plans"] for name, p in r["peers"].items() if "hlo" in p]
+    print()
+    print(table(["plan", "program", "AR/AG/RS ops", "collective MiB/step", "fusions",
+                      "copies", "transposes", "temp MiB"], hlo))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -216,12 +244,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plan", action="append", default=[], choices=NAMED,
                         help="run only this plan (repeatable; default: every named plan)")
+    parser.add_argument("--case", action="append", default=[],
+                        choices=[c.name for c in FULL.cases],
+                        help="run only this model size (repeatable; default: both)")
     parser.add_argument("--maxtext-python", type=Path, default=MAXTEXT_PYTHON,
                         help=f"MaxText's interpreter (default: {MAXTEXT_PYTHON.relative_to(ROOT)})")
+    parser.add_argument("--tables", type=Path, metavar="JSON",
+                        help="only print a stored result's tables in Markdown (for the docs)")
     args = parser.parse_args(argv)
+    if args.tables:
+        stored = json.loads(args.tables.read_text())
+        for case in stored["cases"]:
+            print(f"\n{case['case']}, batch {case['batch']}:\n")
+            print_case(case, markdown_table)
+        return stored
     settings = QUICK if args.quick else FULL
     if args.plan:
         settings = dataclasses.replace(settings, plans=tuple(args.plan))
+    if args.case:
+        settings = dataclasses.replace(
+            settings, cases=tuple(c for c in settings.cases if c.name in args.case))
     if jax.device_count() != NUM_DEVICES:
         raise SystemExit(f"need {NUM_DEVICES} devices, found {jax.device_count()}; "
                          f"set XLA_FLAGS={_FLAG}={NUM_DEVICES}")

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--remat-policy", default=REMAT)
     p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--hlo-out", help="write the compiled step's HLO text here")
     p.add_argument("--serve", action="store_true", help="then serve 'step K' lines on stdin")
     return p.parse_args(argv)
 
@@ -143,6 +144,9 @@ def main(argv=None):
         NNXDecoder.get_remat_policy = lambda self: jax.checkpoint_policies.everything_saveable
     with tempfile.TemporaryDirectory(prefix="maxtext_step_") as workdir:
         runner = Runner(maxtext_config(a, workdir))
+        if a.hlo_out:
+            with open(a.hlo_out, "w") as f:
+                f.write(runner.compiled.as_text())
         runner.steps(2)  # warm-up
         step_s = runner.steps(a.steps)
         result = {
