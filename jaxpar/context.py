@@ -164,6 +164,17 @@ def gather_module(module: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _gathers_layers(current: Active) -> bool:
+    """Whether some stacked (layer) parameter is split over a manual axis, so `layer` gathers
+    it; a plan without a parameter table (`Plan.bind` not called) is assumed to."""
+    if not current.manual:
+        return False
+    if not current.plan.params:
+        return True
+    return any(a in current.manual for p in current.plan.params if "layers" in p.logical_axes
+               for axes in current.plan.param_layout(p) for a in axes)
+
+
 def layer(fn: Callable) -> Callable:
     """Mark `fn(module, *args)` as the model's repeated layer: its parameters are gathered
     here, just before use, and what the plan's remat policy does not save is recomputed in
@@ -173,9 +184,10 @@ def layer(fn: Callable) -> Callable:
     if current is None:
         return fn
     current.layer_called = True
-    if not current.manual and current.plan.remat == "none":
+    if current.plan.remat == "none" and not _gathers_layers(current):
         # nothing is gathered, so nothing to recompute; a remat here would also copy the
         # weights into the VJP residuals instead of passing the inputs through (jaxpar.emit.mpmd)
+        # and add work of its own to the step (25 more fusions per dp8 step of the GPT)
         return fn
 
     def gathered(module, *args):
