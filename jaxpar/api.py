@@ -14,6 +14,7 @@ from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.pipeline import checked
 from jaxpar.emit.spmd import parallelize_spmd
 from jaxpar.emit.step import parallelize_flat
+from jaxpar.host_memory import keep_freed_memory
 from jaxpar.pipelining import FORMS
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.cluster import Cluster
@@ -42,6 +43,8 @@ def parallelize(
     (see `Parallelized`).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if devices[0].platform == "cpu":
+        keep_freed_memory()
     if plan.pipeline is None:
         return parallelize_flat(model_fn, optimizer, loss_fn, plan, batch, devices)
     plan, pieces, chunk_layers, schedule = checked(model_fn, loss_fn, plan, batch, len(devices))

@@ -43,6 +43,7 @@ import optax
 from handwritten import handwritten
 
 import jaxpar
+from jaxpar import host_memory
 from jaxpar.cluster.probe import example_batch
 from jaxpar.hlo import KINDS, collective_bytes_per_step, count
 from jaxpar.models.gpt import build, lm_loss
@@ -94,7 +95,8 @@ class MaxText:
         argv = [str(python), str(ROOT / "scripts" / "maxtext_step.py"), "--plan", plan,
                 "--steps", "0", "--serve", f"--hlo-out={hlo}",
                 *(f"--{k}={v}" for k, v in sizes.items())]
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+        env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")},
+               **host_memory.ENVIRONMENT}  # the malloc settings jaxpar's process runs under
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self.name, self.samples = "maxtext", []
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {"meta": {
         **run_meta("scripts/bench_peers.py"), "quick": args.quick, "seed": args.seed,
         "maxtext": why or "run", "peak_flops_per_device": peak, "peak_source": peak_source,
+        "host_memory": {"jaxpar_process": host_memory.keep_freed_memory(),
+                        "maxtext_environment": host_memory.ENVIRONMENT},
         "timing": f"2 untimed steps each, then {settings.rounds} interleaved rounds x "
                   f"{settings.steps_per_round} steps in a shuffled order; median of all steps",
         "lowering": f"median of {settings.lowerings} x (jax.clear_caches(); "
