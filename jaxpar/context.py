@@ -82,6 +82,14 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def gather(x: jax.Array, layout: Layout) -> jax.Array:
     """All-gather the manual-axis shards of a parameter laid out as `layout` into its full
     (auto-sharded) value; autodiff makes the transpose a reduce-scatter of the gradient.
+    See `gather_all`."""
+    return gather_all([x], [layout])[0]
+
+
+def gather_all(xs: Sequence[jax.Array], layouts: Sequence[Layout]) -> list[jax.Array]:
+    """`gather` of several parameters at once (a layer's), in one program region: one
+    `shard_map` and, for grad_reduce="all-reduce", one custom VJP for all of them, which
+    keeps tracing and lowering short.
 
     A parameter also split over an automatic axis (`tensor`) is gathered inside a `shard_map`
     manual over those axes too, whose specs are its automatic layout: each device then
@@ -91,48 +99,61 @@ def gather(x: jax.Array, layout: Layout) -> jax.Array:
     whole in those specs (gathering blocks spread across two axes would reorder them)."""
     current = _ACTIVE.get()
     if current is None:
-        return x
-    manual = [tuple(a for a in axes if a in current.manual) for axes in layout]
-    if not any(manual):
-        return x
+        return list(xs)
+    manual = [[tuple(a for a in axes if a in current.manual) for axes in layout]
+              for layout in layouts]
+    todo = [i for i, dims in enumerate(manual) if any(dims)]
+    if not todo:
+        return list(xs)
+    manual = [manual[i] for i in todo]
 
-    def all_gather(v: jax.Array) -> jax.Array:
-        for dim, axes in enumerate(manual):
-            if axes:
-                v = jax.lax.all_gather(v, axes, axis=dim, tiled=True)
-        return v
+    def all_gather(vs: list[jax.Array]) -> list[jax.Array]:
+        out = []
+        for v, dims in zip(vs, manual):
+            for dim, axes in enumerate(dims):
+                if axes:
+                    v = jax.lax.all_gather(v, axes, axis=dim, tiled=True)
+            out.append(v)
+        return out
 
     if current.plan.grad_reduce == "all-reduce":
         all_gather = _sliced_transpose(all_gather, manual)
-    kept = [() if gathered else tuple(axes) for gathered, axes in zip(manual, layout)]
-    split = {a for axes in kept for a in axes}
-    if not split:
-        return all_gather(x)
-    spec = PartitionSpec(*(axes or None for axes in kept))
-    return jax.shard_map(all_gather, in_specs=spec, out_specs=spec, axis_names=split)(x)
+    kept = [[() if gathered else tuple(axes) for gathered, axes in zip(dims, layouts[i])]
+            for dims, i in zip(manual, todo)]
+    split = {a for dims in kept for axes in dims for a in axes}
+    if split:
+        specs = [PartitionSpec(*(axes or None for axes in dims)) for dims in kept]
+        all_gather = jax.shard_map(all_gather, in_specs=(specs,), out_specs=specs,
+                                   axis_names=split)
+    out = list(xs)
+    for i, value in zip(todo, all_gather([xs[i] for i in todo])):
+        out[i] = value
+    return out
 
 
-def _sliced_transpose(all_gather: Callable[[jax.Array], jax.Array],
-                      manual: Sequence[tuple[str, ...]]) -> Callable[[jax.Array], jax.Array]:
-    """`all_gather` whose transpose all-reduces the whole gradient and keeps this device's
-    slice of it (the plan's grad_reduce="all-reduce") instead of reduce-scattering it."""
-    axes = tuple(a for dim_axes in manual for a in dim_axes)
-
+def _sliced_transpose(all_gather: Callable[[list], list],
+                      manual: Sequence[Sequence[tuple[str, ...]]]) -> Callable[[list], list]:
+    """`all_gather` (of a list) whose transpose all-reduces the whole gradients and keeps this
+    device's slice of each (the plan's grad_reduce="all-reduce") instead of
+    reduce-scattering them."""
     @jax.custom_vjp
-    def gathered(v: jax.Array) -> jax.Array:
-        return all_gather(v)
+    def gathered(vs: list) -> list:
+        return all_gather(vs)
 
-    def forward(v: jax.Array) -> tuple[jax.Array, None]:
-        return all_gather(v), None
+    def forward(vs: list) -> tuple[list, None]:
+        return all_gather(vs), None
 
-    def backward(_, g: jax.Array) -> tuple[jax.Array]:
-        g = jax.lax.psum(g, axes)
-        for dim, dim_axes in enumerate(manual):
-            if dim_axes:
-                size = g.shape[dim] // jax.lax.axis_size(dim_axes)
-                g = jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index(dim_axes) * size, size,
-                                                 dim)
-        return (g,)
+    def backward(_, gs: list) -> tuple[list]:
+        out = []
+        for g, dims in zip(gs, manual):
+            g = jax.lax.psum(g, tuple(a for dim_axes in dims for a in dim_axes))
+            for dim, dim_axes in enumerate(dims):
+                if dim_axes:
+                    size = g.shape[dim] // jax.lax.axis_size(dim_axes)
+                    g = jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index(dim_axes) * size,
+                                                     size, dim)
+            out.append(g)
+        return (out,)
 
     gathered.defvjp(forward, backward)
     return gathered
@@ -151,16 +172,17 @@ def _layer_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -
 
 
 def gather_module(module: nnx.Module) -> nnx.Module:
-    """A copy of the layer `module` whose parameters are gathered (see `gather`)."""
+    """A copy of the layer `module` whose parameters are gathered (see `gather_all`)."""
     plan = _ACTIVE.get().plan
     graphdef, state = nnx.split(module)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if isinstance(var, nnx.Param):
-            axes = tuple(var.get_metadata().get("out_sharding") or ())
-            layout = _layer_layout(plan, "/".join(map(str, path)), axes)
-            var = var.replace(gather(var.get_value(), layout))
-        flat.append((path, var))
+    flat = list(nnx.to_flat_state(state))
+    params = [(n, var) for n, (_, var) in enumerate(flat) if isinstance(var, nnx.Param)]
+    layouts = [_layer_layout(plan, "/".join(map(str, flat[n][0])),
+                             tuple(var.get_metadata().get("out_sharding") or ()))
+               for n, var in params]
+    values = gather_all([var.get_value() for _, var in params], layouts)
+    for (n, var), value in zip(params, values):
+        flat[n] = (flat[n][0], var.replace(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
