@@ -13,12 +13,14 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxpar.plan import Layout, Plan, PlanError
+from jaxpar.tracing.params import path_str
 
 
 def _save_all_but_gathers(primitive, *_, **__) -> bool:
@@ -39,9 +41,17 @@ _POLICIES = {"none": _save_all_but_gathers, "dots": jax.checkpoint_policies.dots
 
 @dataclasses.dataclass
 class Active:
+    """The plan a trace follows. `unrolled`: paths of the parameters of layers the model
+    keeps unstacked (each module passed to `layer` on its own), which `layer` gathers;
+    `paths`: the traced model's variables by identity, to their paths (see `merge`);
+    `seen`: the unrolled layer parameters `layer` has met."""
+
     plan: Plan
     manual: tuple[str, ...]
+    unrolled: frozenset[str] = frozenset()
     layer_called: bool = False
+    paths: dict[int, str] = dataclasses.field(default_factory=dict)
+    seen: set[str] = dataclasses.field(default_factory=set)
 
 
 _ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("jaxpar", default=None)
@@ -54,9 +64,11 @@ def partition_spec(layout: Layout, keep: Callable[[str], bool] = lambda _: True)
 
 
 @contextlib.contextmanager
-def active(plan: Plan, manual: Sequence[str]) -> Iterator[Active]:
-    """Make `plan` the one `constrain` and `layer` follow, with `manual` mesh axes manual."""
-    token = _ACTIVE.set(Active(plan, tuple(manual)))
+def active(plan: Plan, manual: Sequence[str],
+           unrolled: frozenset[str] = frozenset()) -> Iterator[Active]:
+    """Make `plan` the one `constrain` and `layer` follow, with `manual` mesh axes manual
+    (`unrolled`: see `Active`)."""
+    token = _ACTIVE.set(Active(plan, tuple(manual), frozenset(unrolled)))
     try:
         yield _ACTIVE.get()
     finally:
@@ -159,7 +171,28 @@ def _sliced_transpose(all_gather: Callable[[list], list],
     return gathered
 
 
-def _layer_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -> Layout:
+def merge(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
+    """`nnx.merge`, the model's variables recorded by identity in the active trace, so that
+    `layer` knows the full path of an unrolled layer's parameters."""
+    model = nnx.merge(graphdef, params)
+    current = _ACTIVE.get()
+    if current is not None:
+        current.paths = {id(var): path_str(path) for path, var in nnx.iter_graph(model)
+                         if isinstance(var, nnx.Variable)}
+    return model
+
+
+def unrolled_layer_params(graphdef: nnx.GraphDef, params_shape: dict, loss_fn: Callable,
+                          batch: Any, plan: Plan) -> frozenset[str]:
+    """Paths of the parameters of layers the model passes to `layer` one module at a time
+    (a list of blocks, not a stack), found by tracing the loss with shapes only: `layer`
+    gathers those, so the step must not gather them before."""
+    with active(plan, ()) as current:
+        jax.eval_shape(lambda p, b: loss_fn(merge(graphdef, p), b), params_shape, batch)
+    return frozenset(current.seen)
+
+
+def _stacked_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -> Layout:
     """Layout of one layer's slice of the stacked parameter whose path ends in `path`
     (a layer module knows only its own paths); its `group_rules` apply."""
     stacked = [p for p in plan.params
@@ -171,15 +204,29 @@ def _layer_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -
     return layouts.pop() if layouts else plan.layout(logical_axes)
 
 
-def gather_module(module: nnx.Module) -> nnx.Module:
-    """A copy of the layer `module` whose parameters are gathered (see `gather_all`)."""
+def _param_paths(module: nnx.Module, current: Active) -> dict[str, str]:
+    """The full paths of `module`'s parameters, by their paths inside it, when they are the
+    traced model's own variables (an unrolled layer; a stacked one is a copy `nnx.scan`
+    made, which has none)."""
+    return {path_str(path): current.paths[id(var)] for path, var in nnx.iter_graph(module)
+            if isinstance(var, nnx.Param) and id(var) in current.paths}
+
+
+def gather_module(module: nnx.Module, full_paths: dict[str, str]) -> nnx.Module:
+    """A copy of the layer `module` whose parameters are gathered (see `gather_all`); a
+    parameter with a full path (`_param_paths`) is laid out as the plan lays out that one,
+    any other as the stack whose layer it is."""
     plan = _ACTIVE.get().plan
+    infos = {info.path: info for info in plan.params}
     graphdef, state = nnx.split(module)
     flat = list(nnx.to_flat_state(state))
     params = [(n, var) for n, (_, var) in enumerate(flat) if isinstance(var, nnx.Param)]
-    layouts = [_layer_layout(plan, "/".join(map(str, flat[n][0])),
-                             tuple(var.get_metadata().get("out_sharding") or ()))
-               for n, var in params]
+    layouts = []
+    for n, var in params:
+        path = path_str(flat[n][0])
+        full = infos.get(full_paths.get(path))
+        layouts.append(plan.param_layout(full) if full else _stacked_layout(
+            plan, path, tuple(var.get_metadata().get("out_sharding") or ())))
     values = gather_all([var.get_value() for _, var in params], layouts)
     for (n, var), value in zip(params, values):
         flat[n] = (flat[n][0], var.replace(value))
@@ -187,13 +234,15 @@ def gather_module(module: nnx.Module) -> nnx.Module:
 
 
 def _gathers_layers(current: Active) -> bool:
-    """Whether some stacked (layer) parameter is split over a manual axis, so `layer` gathers
-    it; a plan without a parameter table (`Plan.bind` not called) is assumed to."""
+    """Whether some layer parameter (of the stack or an unrolled layer) is split over a
+    manual axis, so `layer` gathers it; a plan without a parameter table (`Plan.bind` not
+    called) is assumed to."""
     if not current.manual:
         return False
     if not current.plan.params:
         return True
-    return any(a in current.manual for p in current.plan.params if "layers" in p.logical_axes
+    return any(a in current.manual for p in current.plan.params
+               if "layers" in p.logical_axes or p.path in current.unrolled
                for axes in current.plan.param_layout(p) for a in axes)
 
 
@@ -201,18 +250,25 @@ def layer(fn: Callable) -> Callable:
     """Mark `fn(module, *args)` as the model's repeated layer: its parameters are gathered
     here, just before use, and what the plan's remat policy does not save is recomputed in
     the backward pass (under every policy the gathered copies are, so they are never all
-    live)."""
+    live). The layer is one layer of a stack applied by `nnx.scan` (`run_stack`) or a module
+    of its own (a list of blocks, each passed here)."""
     current = _ACTIVE.get()
     if current is None:
         return fn
     current.layer_called = True
-    if current.plan.remat == "none" and not _gathers_layers(current):
-        # nothing is gathered, so nothing to recompute; a remat here would also copy the
-        # weights into the VJP residuals instead of passing the inputs through (jaxpar.emit.mpmd)
-        # and add work of its own to the step (25 more fusions per dp8 step of the GPT)
-        return fn
 
-    def gathered(module, *args):
-        return fn(gather_module(module), *args)
+    def run(module: nnx.Module, *args):
+        full_paths = _param_paths(module, current)
+        current.seen.update(full_paths.values())
+        if current.plan.remat == "none" and not _gathers_layers(current):
+            # nothing is gathered, so nothing to recompute; a remat here would also copy the
+            # weights into the VJP residuals instead of passing the inputs through
+            # (jaxpar.emit.mpmd) and add work of its own (25 more fusions per dp8 GPT step)
+            return fn(module, *args)
 
-    return nnx.remat(gathered, policy=_POLICIES[current.plan.remat])
+        def gathered(module, *args):
+            return fn(gather_module(module, full_paths), *args)
+
+        return nnx.remat(gathered, policy=_POLICIES[current.plan.remat])(module, *args)
+
+    return run

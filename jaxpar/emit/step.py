@@ -42,16 +42,19 @@ def split_microbatches(batch: Any, m: int) -> Any:
 
 
 def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn,
-                    params_shape: dict) -> Callable[[dict, Any], tuple[jax.Array, dict]]:
-    """(params, batch) -> (mean loss, mean gradient), laid out as the plan says."""
+                    params_shape: dict, unrolled: frozenset[str]
+                    ) -> Callable[[dict, Any], tuple[jax.Array, dict]]:
+    """(params, batch) -> (mean loss, mean gradient), laid out as the plan says; `unrolled`:
+    the parameters of unrolled layers (`context.unrolled_layer_params`)."""
     manual = plan.batch_axes
     m = plan.microbatches
 
     def local_loss(params: dict, batch: Any) -> jax.Array:
-        # parameters of the repeated layer are gathered by `jaxpar.layer`, the rest here
+        # parameters of the layers (stacked or unrolled) are gathered by `jaxpar.layer`,
+        # the rest here
         params = by_path(params, plan.params, lambda i, x: x if "layers" in i.logical_axes
-                          else context.gather(x, plan.param_layout(i)))
-        return loss_fn(nnx.merge(graphdef, params), batch)
+                          or i.path in unrolled else context.gather(x, plan.param_layout(i)))
+        return loss_fn(context.merge(graphdef, params), batch)
 
     def replicated_over(info: ParamInfo) -> tuple[str, ...]:
         return tuple(a for a in manual if a not in sum(plan.param_layout(info), ()))
@@ -102,11 +105,15 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     state_sharding, abstract_state = state_sharding_of(plan, mesh, optimizer, params_shape)
     batch_sharding = jax.tree.map(
         lambda _: NamedSharding(mesh, PartitionSpec(plan.batch_axes or None)), batch)
-    local = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape)
+    gathers = any(a in plan.batch_axes for i in plan.params for axes in plan.param_layout(i)
+                  for a in axes)
+    unrolled = (context.unrolled_layer_params(graphdef, params_shape, loss_fn, batch, plan)
+                if gathers else frozenset())
+    local = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape, unrolled)
 
     def loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            with context.active(plan, plan.batch_axes) as active:
+            with context.active(plan, plan.batch_axes, unrolled) as active:
                 result = local(params, batch)
         require_layer(plan, active)
         return result

@@ -94,6 +94,8 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     for info in table:
         members[groups[info.path]].append(info)
     repeat = {g: _repeat(ps) for g, ps in members.items()}
+    unrolled = {g: _unrolled(ps) for g, ps in members.items() if repeat[g] == 1}
+    repeat.update({g: n for g, n in unrolled.items() if n > 1})
 
     def loss(p: dict, b: Any) -> jax.Array:
         return loss_fn(nnx.merge(graphdef, p), b)
@@ -106,9 +108,8 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     leaves = jax.tree.leaves(batch)
     return ModelGraph(
         groups=tuple(Group(
-            name=g, repeat=repeat[g], params=tuple(members[g]),
-            matmuls=tuple(dataclasses.replace(m, flops=m.flops / repeat[g])
-                          for m in forward.matmuls[g]),
+            name=g, repeat=repeat[g], params=_as_stack(members[g], unrolled.get(g, 1)),
+            matmuls=_one_layer(forward.matmuls[g], g, repeat[g], unrolled.get(g, 1)),
             flops_fwd=flops[g] / repeat[g],
             saved=tuple(saved["none"][g]),
             saved_remat=tuple(saved["full"][g]),
@@ -123,3 +124,38 @@ def _repeat(params: list[ParamInfo]) -> int:
     """Layers of a stacked group: every parameter has `layers` first, all of one size."""
     sizes = {p.shape[0] if p.logical_axes[:1] == ("layers",) else None for p in params}
     return sizes.pop() if len(sizes) == 1 and None not in sizes else 1
+
+
+def _unrolled(params: list[ParamInfo]) -> int:
+    """Layers of an unrolled group (a list of layer modules): every path is
+    `group/i/rest` for i = 0 .. n - 1, each layer with the same parameters; else 1."""
+    layers: dict[str, set] = defaultdict(set)
+    for p in params:
+        parts = p.path.split("/")
+        if len(parts) < 3 or not parts[1].isdigit():
+            return 1
+        layers[parts[1]].add(("/".join(parts[2:]), p.shape, p.dtype, p.logical_axes))
+    first = layers.get("0")
+    if sorted(layers, key=int) != [str(i) for i in range(len(layers))] or any(
+            one != first for one in layers.values()):
+        return 1
+    return len(layers)
+
+
+def _as_stack(params: list[ParamInfo], layers: int) -> tuple[ParamInfo, ...]:
+    """A group's parameters as the planner prices them: an unrolled group of `layers` > 1
+    as the stack it equals (layer 0's parameters with a leading `layers` axis; the runtime
+    gathers and remats each unrolled layer as it does a stack's)."""
+    if layers == 1:
+        return tuple(params)
+    return tuple(dataclasses.replace(p, shape=(layers, *p.shape),
+                                     logical_axes=("layers", *p.logical_axes))
+                 for p in params if p.path.split("/")[1] == "0")
+
+
+def _one_layer(matmuls: list, group: str, repeat: int, layers: int) -> tuple:
+    """One layer's matmuls: a scan's (counted once, FLOPs over all its trips) divided by
+    the trips; an unrolled group's, layer 0's."""
+    if layers > 1:
+        return tuple(m for m in matmuls if m.param.startswith(f"{group}/0/"))
+    return tuple(dataclasses.replace(m, flops=m.flops / repeat) for m in matmuls)
