@@ -182,16 +182,6 @@ def merge(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
     return model
 
 
-def unrolled_layer_params(graphdef: nnx.GraphDef, params_shape: dict, loss_fn: Callable,
-                          batch: Any, plan: Plan) -> frozenset[str]:
-    """Paths of the parameters of layers the model passes to `layer` one module at a time
-    (a list of blocks, not a stack), found by tracing the loss with shapes only: `layer`
-    gathers those, so the step must not gather them before."""
-    with active(plan, ()) as current:
-        jax.eval_shape(lambda p, b: loss_fn(merge(graphdef, p), b), params_shape, batch)
-    return frozenset(current.seen)
-
-
 def _stacked_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...]) -> Layout:
     """Layout of one layer's slice of the stacked parameter whose path ends in `path`
     (a layer module knows only its own paths); its `group_rules` apply."""

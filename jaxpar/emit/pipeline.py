@@ -15,6 +15,7 @@ import jax
 
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.schedules.generators import Schedule, make_schedule
+from jaxpar.tracing.loss import probe_loss
 from jaxpar.tracing.params import ModelFn
 from jaxpar.tracing.stages import Pieces, Stages
 
@@ -38,5 +39,9 @@ def checked(model_fn: ModelFn, stages: Any, plan: Plan, batch: Any,
     pieces = Pieces.of(model_fn, stages)
     plan = plan.check(pieces.infos, [leaf.shape[0] for leaf in jax.tree.leaves(batch)],
                       num_devices, pieces.num_layers)
+    if probe_loss(pieces.graphdef, pieces.params_shape, stages, batch, plan).has_aux:
+        raise PlanError("the loss returns (loss, aux): a pipelined plan runs a loss alone for "
+                        "now; return the loss only from the Stages' post, or use a plan "
+                        "without a pipeline")
     chunk_layers = plan.pipeline.chunk_layers(plan.stages, pieces.num_layers)
     return plan, pieces, chunk_layers, schedule_of(plan)

@@ -23,6 +23,7 @@ from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
 from jaxpar.emit.state import TrainState, apply_gradients, init_state
 from jaxpar.plan import ParamInfo, Plan, PlanError
+from jaxpar.tracing.loss import LossProbe, loss_output, probe_loss
 from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
 
 
@@ -42,45 +43,50 @@ def split_microbatches(batch: Any, m: int) -> Any:
 
 
 def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn,
-                    params_shape: dict, unrolled: frozenset[str]
-                    ) -> Callable[[dict, Any], tuple[jax.Array, dict]]:
-    """(params, batch) -> (mean loss, mean gradient), laid out as the plan says; `unrolled`:
-    the parameters of unrolled layers (`context.unrolled_layer_params`)."""
+                    params_shape: dict, probe: LossProbe
+                    ) -> Callable[[dict, Any], tuple[tuple[jax.Array, Any], dict]]:
+    """(params, batch) -> ((mean loss, mean aux), mean gradient), laid out as the plan says;
+    aux is {} for a loss without one (see `jaxpar.tracing.loss`)."""
     manual = plan.batch_axes
     m = plan.microbatches
 
-    def local_loss(params: dict, batch: Any) -> jax.Array:
+    def local_loss(params: dict, batch: Any) -> tuple[jax.Array, Any]:
         # parameters of the layers (stacked or unrolled) are gathered by `jaxpar.layer`,
         # the rest here
         params = by_path(params, plan.params, lambda i, x: x if "layers" in i.logical_axes
-                          or i.path in unrolled else context.gather(x, plan.param_layout(i)))
-        return loss_fn(context.merge(graphdef, params), batch)
+                          or i.path in probe.unrolled
+                          else context.gather(x, plan.param_layout(i)))
+        loss, aux = loss_output(loss_fn(context.merge(graphdef, params), batch))
+        return loss, {} if aux is None else aux
+
+    value_and_grad = jax.value_and_grad(local_loss, has_aux=True)
 
     def replicated_over(info: ParamInfo) -> tuple[str, ...]:
         return tuple(a for a in manual if a not in sum(plan.param_layout(info), ()))
 
-    def local_loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
+    def local_loss_and_grads(params: dict, batch: Any) -> tuple[tuple[jax.Array, Any], dict]:
         """On one batch shard. Autodiff of the gathers emits the gradient reduce-scatters
         (per microbatch); the parameters replicated over manual axes are marked varying
         first, so their gradients are all-reduced once per step, after accumulation."""
         params = by_path(params, plan.params, lambda i, x: jax.lax.pcast(
             x, replicated_over(i), to="varying") if replicated_over(i) else x)
         if m == 1:
-            loss, grads = jax.value_and_grad(local_loss)(params, batch)
+            (loss, aux), grads = value_and_grad(params, batch)
         else:
             def body(carry, micro):
-                result = jax.value_and_grad(local_loss)(params, micro)
-                return jax.tree.map(jnp.add, carry, result), None
+                return jax.tree.map(jnp.add, carry, value_and_grad(params, micro)), None
 
             micro = split_microbatches(batch, m)
-            first = jax.value_and_grad(local_loss)(params, jax.tree.map(lambda x: x[0], micro))
-            (loss, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+            first = value_and_grad(params, jax.tree.map(lambda x: x[0], micro))
+            ((loss, aux), grads), _ = jax.lax.scan(body, first,
+                                                   jax.tree.map(lambda x: x[1:], micro))
         if manual:
-            loss = jax.lax.pmean(loss, manual)
+            loss, aux = jax.lax.pmean((loss, aux), manual)
         grads = by_path(grads, plan.params, lambda i, g: jax.lax.psum(g, replicated_over(i))
                          if replicated_over(i) else g)
         scale = 1 / (m * plan.data_parallel_size)
-        return loss / m, jax.tree.map(lambda g: g * scale, grads)
+        return (loss / m, jax.tree.map(lambda a: a / m, aux)), jax.tree.map(
+            lambda g: g * scale, grads)
 
     if not manual:
         return local_loss_and_grads
@@ -90,7 +96,7 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
         local_loss_and_grads,
         mesh=mesh,
         in_specs=(param_specs, PartitionSpec(manual)),
-        out_specs=(PartitionSpec(), param_specs),
+        out_specs=((PartitionSpec(), PartitionSpec()), param_specs),
         axis_names=set(manual),
     )
 
@@ -101,26 +107,29 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     """The step of a plan without a pipeline (see `jaxpar.parallelize`)."""
     graphdef, params_shape, infos = abstract_params(model_fn)
     plan = plan.check(infos, [leaf.shape[0] for leaf in jax.tree.leaves(batch)], len(devices))
+    probe = probe_loss(graphdef, params_shape, loss_fn, batch, plan)
     mesh = make_mesh(plan, devices)
     state_sharding, abstract_state = state_sharding_of(plan, mesh, optimizer, params_shape)
     batch_sharding = jax.tree.map(
         lambda _: NamedSharding(mesh, PartitionSpec(plan.batch_axes or None)), batch)
-    gathers = any(a in plan.batch_axes for i in plan.params for axes in plan.param_layout(i)
-                  for a in axes)
-    unrolled = (context.unrolled_layer_params(graphdef, params_shape, loss_fn, batch, plan)
-                if gathers else frozenset())
-    local = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape, unrolled)
+    local = _loss_and_grads(plan, mesh, graphdef, loss_fn, params_shape, probe)
 
-    def loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
+    def loss_aux_and_grads(params: dict, batch: Any) -> tuple[tuple[jax.Array, Any], dict]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            with context.active(plan, plan.batch_axes, unrolled) as active:
+            with context.active(plan, plan.batch_axes, probe.unrolled) as active:
                 result = local(params, batch)
         require_layer(plan, active)
         return result
 
+    def loss_and_grads(params: dict, batch: Any) -> tuple[jax.Array, dict]:
+        (loss, _), grads = loss_aux_and_grads(params, batch)
+        return loss, grads
+
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = loss_and_grads(state.params, batch)
+        (loss, aux), grads = loss_aux_and_grads(state.params, batch)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if probe.has_aux:
+            metrics["aux"] = aux
         return apply_gradients(optimizer, state, grads), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())

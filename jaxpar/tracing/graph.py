@@ -33,6 +33,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxpar import context
 from jaxpar.plan import DEFAULT_RULES, REMAT, ParamInfo, Plan
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
+from jaxpar.tracing.loss import loss_output
 from jaxpar.tracing.names import Names, nbytes_of
 from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
 from jaxpar.tracing.walker import walk_jaxpr
@@ -97,8 +98,8 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     unrolled = {g: _unrolled(ps) for g, ps in members.items() if repeat[g] == 1}
     repeat.update({g: n for g, n in unrolled.items() if n > 1})
 
-    def loss(p: dict, b: Any) -> jax.Array:
-        return loss_fn(nnx.merge(graphdef, p), b)
+    def loss(p: dict, b: Any) -> jax.Array:  # an aux output is not priced
+        return loss_output(loss_fn(nnx.merge(graphdef, p), b))[0]
 
     forward, _, _ = walk_jaxpr(loss, (params, batch), infos, groups, repeat)
     order = forward.order + [g for g in members if g not in forward.order]
