@@ -83,7 +83,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if len(logical_axes) != x.ndim:
         raise ValueError(f"constrain: {len(logical_axes)} axis names {tuple(logical_axes)} for "
                          f"an array of shape {x.shape}")
-    layout = current.plan.layout(logical_axes)
+    layout = current.plan.layout(logical_axes, shape=x.shape)
     if not jax.sharding.get_abstract_mesh().axis_names:
         return x  # a program on one device without mesh axes (a pp8 stage): nothing to lay out
     return jax.lax.with_sharding_constraint(

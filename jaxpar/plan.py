@@ -15,18 +15,22 @@ from collections.abc import Sequence
 
 from jaxpar.errors import PlanError
 from jaxpar.pipelining import Pipeline
+from jaxpar.planners.units import format_bytes
 from jaxpar.predicted import Alternative, Predicted, runners_up
-from jaxpar.rules import Layout, NoRule, Rules, as_rules, resolve, rules_for
+from jaxpar.rules import FIT_TO_SIZE, Layout, NoRule, Rules, as_rules, resolve, rules_for
 
 # The one rule table shared by the named plans: a mesh axis of size 1 makes a rule a no-op,
 # so dp, fsdp, tp and their mixes differ only in mesh sizes. Activations take `batch` first,
-# which uses up `fsdp`, so only parameters shard `embed` over it (ZeRO-3 / FSDP).
+# which uses up `fsdp`, so only parameters shard `embed` over it (ZeRO-3 / FSDP). Key / value
+# heads (`kv_heads`, fewer than the query `heads` under grouped-query attention) are split
+# like heads where the tensor degree divides them, else replicated (`rules.FIT_TO_SIZE`).
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", ()),
     ("layers", ()),
     ("vocab", ("tensor",)),
     ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("expert", ()),
     ("kv", ()),
@@ -144,12 +148,15 @@ class Plan:
     def rules_for(self, path: str | None = None) -> Rules:
         return rules_for(self.rules, self.group_rules, path)
 
-    def layout(self, logical_axes: Sequence[str | None], path: str | None = None) -> Layout:
+    def layout(self, logical_axes: Sequence[str | None], path: str | None = None,
+               shape: Sequence[int] | None = None) -> Layout:
         """Mesh axes of each dimension, resolved as Flax does: rules in order, each logical
         name takes the first rule whose mesh axes this tensor has not used yet. Mesh axes
-        of size 1 (and absent ones) drop out."""
+        of size 1 (and absent ones) drop out. Given the tensor's `shape`, a `kv_heads`
+        dimension keeps only the mesh axes that divide it (`rules.FIT_TO_SIZE`)."""
         try:
-            return resolve(self.mesh, self.rules_for(path), tuple(logical_axes))
+            return resolve(self.mesh, self.rules_for(path), tuple(logical_axes),
+                           None if shape is None else tuple(shape))
         except NoRule as missing:
             name = missing.args[0]
             where = f" of {path}" if path else ""
@@ -159,7 +166,20 @@ class Plan:
             ) from None
 
     def param_layout(self, info: ParamInfo) -> Layout:
-        return self.layout(info.logical_axes, info.path)
+        return self.layout(info.logical_axes, info.path, info.shape)
+
+    def layout_note(self, info: ParamInfo) -> str:
+        """Why `info` is not split as its rules say (`rules.FIT_TO_SIZE`), or "": e.g.
+        "replicated over tensor: kv_heads 2 not divisible by 8"."""
+        notes = []
+        for name, dim, ruled, axes in zip(info.logical_axes, info.shape,
+                                          self.layout(info.logical_axes, info.path),
+                                          self.param_layout(info)):
+            dropped = tuple(a for a in ruled if a not in axes)
+            if name in FIT_TO_SIZE and dropped:
+                notes.append(f"replicated over {'x'.join(dropped)}: {name} {dim} not "
+                             f"divisible by {self._size(dropped)}")
+        return "; ".join(notes)
 
     def optimizer_layout(self, info: ParamInfo) -> Layout:
         """Layout of the optimizer state of a parameter. ZeRO-1 adds the data-parallel axes
@@ -325,7 +345,7 @@ class Plan:
                          f" devices each), schedule {pp.schedule}, virtual {pp.virtual}, "
                          f"form {pp.form}{cut}{bubble}")
         if self.params:
-            rows = [("parameter", "shape", "logical axes", "mesh axes", "per-device")]
+            rows = [("parameter", "shape", "logical axes", "mesh axes", "per-device", "note")]
             for p in self.params:
                 layout = self.param_layout(p)
                 rows.append((
@@ -334,7 +354,10 @@ class Plan:
                     ", ".join(str(a) for a in p.logical_axes),
                     ", ".join("+".join(a) or "-" for a in layout),
                     "x".join(map(str, self.shard_shape(p))) or "scalar",
+                    self.layout_note(p),
                 ))
+            if not any(r[-1] for r in rows[1:]):  # a note column only when there are notes
+                rows = [r[:-1] for r in rows]
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -343,14 +366,14 @@ class Plan:
                 p.nbytes / self._size(sum(self.param_layout(p), ())) for p in self.params
             )
             lines.append(
-                f"  parameters: {total / 2**20:.2f} MiB in all, {local / 2**20:.2f} MiB per device"
+                f"  parameters: {format_bytes(total)} in all, {format_bytes(local)} per device"
             )
         if self.predicted is not None:
             pr = self.predicted
-            memory = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in pr.memory_bytes.items())
+            memory = ", ".join(f"{k} {format_bytes(v)}" for k, v in pr.memory_bytes.items())
             lines.append(
                 f"  predicted: step {pr.step_s * 1e3:.1f} ms (compute {pr.compute_s * 1e3:.1f}, "
-                f"communication {pr.communication_s * 1e3:.1f}); memory GiB: {memory}"
+                f"communication {pr.communication_s * 1e3:.1f}); memory: {memory}"
             )
         return "\n".join(lines)
 
@@ -369,7 +392,7 @@ class Plan:
                "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
         where = " on its largest stage" if pp is not None else ""
         lines = [f"Plan {self.name}: predicted step {pr.step_s * scale:.4g} {unit}, "
-                 f"{pr.total_bytes / 2**30:.2f} GiB per device{where} ({gap})"]
+                 f"{format_bytes(pr.total_bytes)} per device{where} ({gap})"]
         if pp is not None:
             bubble = "" if pp.bubble is None else f", bubble {pp.bubble:.1%}"
             lines.append(f"  pipeline {pr.compute_s * scale:.4g} {unit} in the "
@@ -381,7 +404,7 @@ class Plan:
             if list(pr.forms) == ["mpmd"]:
                 lines.append("  SPMD form not priced: it needs equal chunks and ZeRO 0")
             if pr.stage_bytes:
-                lines.append("  GiB per device by stage: "
-                             + ", ".join(f"{b / 2**30:.2f}" for b in pr.stage_bytes))
+                lines.append("  memory per device by stage: "
+                             + ", ".join(format_bytes(b) for b in pr.stage_bytes))
         return "\n".join(lines + runners_up(self.alternatives, unit))
 

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+
+from jaxpar.planners.units import format_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +46,14 @@ class Alternative:
 
 def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
     """The table of runners-up `explain()` prints: name, step time in `unit` (ms or s),
-    GiB per device and why each lost."""
+    memory per device (with its unit; "-" when not priced) and why each lost."""
     if not alternatives:
         return []
     scale = {"ms": 1e3, "s": 1.0}[unit]
     width = max(len("runner-up"), *(len(a.name) for a in alternatives))
-    lines = [f"  {'runner-up'.ljust(width)}  {'step ' + unit:>9}     GiB  why it lost"]
+    lines = [f"  {'runner-up'.ljust(width)}  {'step ' + unit:>9}  {'memory':>11}  why it lost"]
     for a in alternatives:
-        lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  "
-                     f"{a.memory_bytes / 2**30:6.2f}  {a.reason}")
+        memory = format_bytes(a.memory_bytes) if math.isfinite(a.memory_bytes) else "-"
+        lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  {memory:>11}  "
+                     f"{a.reason}")
     return lines

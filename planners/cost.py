@@ -20,7 +20,10 @@ axes they are replicated on once per step; where the compiler merges independent
 collectives of a kind (`Cluster.combined_kinds`), a layer's parameter collectives of that
 kind are one collective;
 Megatron matmuls all-reduce their output (forward, contracted dimension split) or their
-input gradient (backward, kept dimension split) over `tensor`, per microbatch.
+input gradient (backward, kept dimension split) over `tensor`, per microbatch; key / value
+heads replicated over the `tensor` axis the query heads are split over (grouped-query
+attention with fewer kv heads than the tensor degree) have their gradient summed over it in
+the backward, per microbatch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-from jaxpar.plan import REMAT, ParamInfo, Plan, Predicted
+from jaxpar.plan import REMAT, Layout, ParamInfo, Plan, Predicted
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
 
@@ -246,6 +249,9 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
         book("all-reduce", contracted, mm.out_bytes / dp / _size(plan, kept), group.repeat,
              split=True, recomputed=True)
         book("all-reduce", kept, mm.in_bytes / dp, group.repeat, split=True)
+        if "kv_heads" in mm.free:
+            bookings += _kv_head_gradient(plan, cluster, p, layout[p.path],
+                                          mm.out_bytes / dp / _size(plan, kept), group.repeat)
 
     # ---- parameters: fsdp gathers and reduce-scatters, data-parallel all-reduce, and the
     # memory-bound gradient and update work on each device's copy
@@ -286,6 +292,34 @@ def _price_layout(group: Group, plan: Plan, cluster: Cluster, options: Options
                          saved, saved["none"] / group.repeat, elementwise)
 
 
+def _kv_head_gradient(plan: Plan, cluster: Cluster, p: ParamInfo, layout: Layout,
+                      nbytes: float, repeat: int) -> list[_Booking]:
+    """Grouped-query attention: the key / value heads `p` projects to, where not split over
+    automatic mesh axes the query heads are (fewer kv heads than the tensor degree, see
+    `rules.FIT_TO_SIZE`), get from each device only its query heads' share of their gradient,
+    which the backward sums over those n devices (per layer and microbatch; `nbytes` is the
+    projection's output on one device). As XLA does it: of the n devices, s = gcd(kv heads,
+    n) hold distinct kv heads' queries; an all-reduce of each device's 1/s over the n/s
+    devices that share its kv heads, then an all-gather of the whole over s."""
+    if "heads" not in {name for name, _ in plan.rules}:
+        return []
+    manual = plan.batch_axes
+    kv = p.logical_axes.index("kv_heads")
+    over = tuple(a for a in plan.layout(("heads",))[0]
+                 if a not in manual and a not in layout[kv])
+    n = _size(plan, over)
+    if n == 1:
+        return []
+    s = math.gcd(p.shape[kv], n)
+    span = _span(plan.mesh, over)
+    out = []
+    for kind, size, buffer in (("all-reduce", n // s, nbytes / s), ("all-gather", s, nbytes)):
+        if size > 1:
+            bandwidth, latency = cluster.link(size, 1, kind, span=span)
+            out.append(_Booking(kind, size, bandwidth, latency, buffer, repeat, split=True))
+    return out
+
+
 def combine(bookings: Sequence[_Booking], kinds: Sequence[str]) -> list[_Booking]:
     """The parameter collectives of one group as the compiler issues them: those of a kind
     in `kinds` that run together (same group of devices, same place in the step) merged into
@@ -309,7 +343,7 @@ def activation_bytes(tensors: Sequence[Tensor], plan: Plan) -> float:
     total = 0.0
     for tensor in tensors:
         names = [a if a in known else None for a in tensor.logical_axes]
-        total += tensor.nbytes / _size(plan, sum(plan.layout(names), ()))
+        total += tensor.nbytes / _size(plan, sum(plan.layout(names, shape=tensor.shape), ()))
     return total
 
 

@@ -17,6 +17,7 @@ from jaxpar.planners.cost import Options, predict
 from jaxpar.planners.graph import Group, Matmul, ModelGraph, Tensor
 from jaxpar.planners.pipeline.search import evaluate_pipeline
 from jaxpar.planners.schedules.generators import schedule_allows
+from jaxpar.planners.units import format_bytes
 
 # Mixed precision as Megatron-LM trains: fp16 parameters, gradients and activations (2 bytes);
 # an fp32 master copy and Adam's two fp32 moments are 12 bytes per parameter = 6 fp16 slots.
@@ -105,9 +106,9 @@ def paper_step(graph: ModelGraph, cluster: Cluster, row: dict) -> float:
         plan = named_plan(f"dp{d}+tp{t}", n, remat=True, microbatches=m).bind(graph.params)
         predicted = predict(graph, plan, cluster, MIXED)
         if predicted.total_bytes > cluster.memory_bytes:
-            raise PlanError(f"the paper's dp{d}+tp{t} needs {predicted.total_bytes / 2**30:.1f}"
-                            f" GiB per device under this model; the budget is "
-                            f"{cluster.memory_bytes / 2**30:.1f} GiB")
+            raise PlanError(f"the paper's dp{d}+tp{t} needs {format_bytes(predicted.total_bytes)}"
+                            f" per device under this model; the budget is "
+                            f"{format_bytes(cluster.memory_bytes)}")
         return predicted.step_s
     steps = []
     layers = row["layers"]

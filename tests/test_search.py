@@ -23,6 +23,7 @@ from jaxpar.planners.sharding.search import (
     plan_sharding,
     replicate_over_fsdp,
 )
+from jaxpar.planners.units import BINARY_UNITS
 
 GiB = 2**30
 
@@ -69,6 +70,27 @@ def transformer(layers=24, embed=2048, heads=16, mlp=8192, vocab=51200, batch=64
     return ModelGraph((embed_group, blocks), batch, 2 * bt * 4)
 
 
+def every_plan(graph, cluster):
+    """Every valid plan the sharding search weighs, by brute force: the search's oracle."""
+    for mesh in mesh_shapes(cluster.num_devices):
+        base = Plan(mesh=mesh)
+        dp = base.data_parallel_size
+        for zero, remat, m, reduce in itertools.product((0, 1), REMAT,
+                                                        divisors(graph.batch_size // dp),
+                                                        GRAD_REDUCE):
+            for shard in itertools.product((True, False), repeat=len(graph.groups)):
+                rules = tuple((group_pattern(g.name), replicate_over_fsdp(base.rules))
+                              for g, on in zip(graph.groups, shard) if not on)
+                candidate = dataclasses.replace(base, zero=zero, remat=remat, microbatches=m,
+                                                group_rules=rules, grad_reduce=reduce)
+                try:
+                    for info in graph.params:
+                        candidate.check_param(info)
+                except PlanError:
+                    continue
+                yield candidate
+
+
 def test_mesh_shapes_are_every_factorisation():
     shapes = mesh_shapes(1024)
     assert len(shapes) == 66 and len(set(shapes)) == 66
@@ -106,24 +128,10 @@ def test_the_milp_finds_the_optimum_of_brute_force(cluster):
     budget = 3 * GiB
     plan = plan_sharding(graph, cluster, budget)
     best = math.inf
-    for mesh in mesh_shapes(8):
-        base = Plan(mesh=mesh)
-        dp = base.data_parallel_size
-        for zero, remat, m, reduce in itertools.product((0, 1), REMAT, divisors(16 // dp),
-                                                        GRAD_REDUCE):
-            for shard in itertools.product((True, False), repeat=len(graph.groups)):
-                rules = tuple((group_pattern(g.name), replicate_over_fsdp(base.rules))
-                              for g, on in zip(graph.groups, shard) if not on)
-                candidate = dataclasses.replace(base, zero=zero, remat=remat, microbatches=m,
-                                                group_rules=rules, grad_reduce=reduce)
-                try:
-                    for info in graph.params:
-                        candidate.check_param(info)
-                except PlanError:
-                    continue
-                pr = predict(graph, candidate, cluster)
-                if pr.total_bytes <= budget:
-                    best = min(best, pr.step_s)
+    for candidate in every_plan(graph, cluster):
+        pr = predict(graph, candidate, cluster)
+        if pr.total_bytes <= budget:
+            best = min(best, pr.step_s)
     assert plan.predicted.step_s == pytest.approx(best, rel=1e-9)
     assert plan.predicted.total_bytes <= budget
     assert plan.predicted.gap is not None and plan.predicted.gap <= 1e-4
@@ -142,11 +150,13 @@ def test_a_tight_budget_forces_sharding_and_remat():
 
 def test_infeasible_budget_names_the_smallest_memory_and_the_devices_that_fit():
     graph = transformer(layers=8, batch=32)
-    with pytest.raises(PlanError, match=r"the smallest needs (\d+\.\d+) GiB per device .* the "
-                                        r"budget is 0\.50 GiB.* or use >= \d+ devices") as err:
+    with pytest.raises(PlanError, match=r"the smallest needs \d+\.\d+ [KMGT]iB per device .* "
+                                        r"the budget is 512\.00 MiB.* or use >= \d+ devices"
+                       ) as err:
         plan_sharding(graph, a100_80gb(num_nodes=1), 0.5 * GiB)
-    least = float(err.value.args[0].split("smallest needs ")[1].split(" GiB")[0])
-    assert plan_sharding(graph, a100_80gb(num_nodes=1), least * GiB * 1.01)  # 2 decimals shown
+    figure, unit = err.value.args[0].split("smallest needs ")[1].split(" per device")[0].split()
+    least = float(figure) * 1024 ** BINARY_UNITS.index(unit)
+    assert plan_sharding(graph, a100_80gb(num_nodes=1), least * 1.01)  # 2 decimals shown
 
 
 def test_explain_lists_runners_up_with_reasons():

@@ -25,8 +25,6 @@ from jaxpar.planners.schedules.simulator import simulate
 from jaxpar.planners.schedules.ticks import lockstep_time
 from jaxpar.planners.sharding.search import describe
 
-GiB = 2**30
-
 
 @dataclasses.dataclass(frozen=True)
 class PricedPipeline(Candidate):

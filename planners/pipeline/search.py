@@ -65,8 +65,7 @@ from jaxpar.planners.sharding.search import (
     mesh_shapes,
     plan_sharding,
 )
-
-GiB = 2**30
+from jaxpar.planners.units import format_bytes
 
 
 def evaluate_pipeline(graph: ModelGraph, cluster: Cluster, *, p: int, v: int = 1, m: int,
@@ -111,8 +110,8 @@ def evaluate_pipeline(graph: ModelGraph, cluster: Cluster, *, p: int, v: int = 1
         raise PlanError(_no_fit(model, cfg, layers, budget))
     plan = finish(pricer, cfg, model, bounds, budget)
     if plan.memory_bytes > budget:
-        raise PlanError(f"{plan.name}: the cut needs {plan.memory_bytes / GiB:.2f} GiB on its "
-                        f"largest rank; the budget is {budget / GiB:.2f} GiB; use remat, more "
+        raise PlanError(f"{plan.name}: the cut needs {format_bytes(plan.memory_bytes)} on its "
+                        f"largest rank; the budget is {format_bytes(budget)}; use remat, more "
                         f"stages or smaller microbatches")
     return plan.to_plan(source="analytic, fixed configuration")
 
@@ -124,7 +123,7 @@ def _no_fit(model: PieceCosts, cfg: Candidate, layers: int, budget: float) -> st
     stashed, held = in_flight(cfg.schedule, cfg.p, cfg.m, cfg.v)[0]
     memory = {k: float(x) for k, x in proxy_memory(model.layer * per, model.first, cfg.v,
                                                     stashed, held, model).items()}
-    parts = ", ".join(f"{k} {x / GiB:.2f}" for k, x in memory.items())
+    parts = ", ".join(f"{k} {format_bytes(x)}" for k, x in memory.items())
     stage = cfg.stage_plan
     fixes = [fix for fix, useful in (
         ("remat", stage.remat != "full"),
@@ -132,10 +131,10 @@ def _no_fit(model: PieceCosts, cfg: Candidate, layers: int, budget: float) -> st
         ("more stages", chunks < layers),
         ("smaller microbatches", cfg.microbatch_size > 1),
         ("more tensor parallelism", stage.axis_size("tensor") < stage.num_devices)) if useful]
-    return (f"no cut of {layers} layers into {chunks} chunks fits {budget / GiB:.2f} GiB per "
+    return (f"no cut of {layers} layers into {chunks} chunks fits {format_bytes(budget)} per "
             f"device with {stage.name} stages, {cfg.schedule} m={cfg.m}: rank 0 with "
             f"{per}-layer chunks and {stashed} microbatch chunks stashed needs "
-            f"{sum(memory.values()) / GiB:.2f} GiB ({parts}); try "
+            f"{format_bytes(sum(memory.values()))} ({parts}); try "
             f"{', '.join(fixes) or 'more devices'}")
 
 
@@ -265,7 +264,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
         ops += (3 if cfg.schedule == "zero_bubble_h1" else 2) * cfg.p * cfg.v * cfg.m
         if plan.memory_bytes > budget:
             losers.append((cfg.name, plan.step_s, plan.memory_bytes, f"needs "
-                           f"{plan.memory_bytes / GiB:.2f} GiB > {budget / GiB:.2f} GiB"))
+                           f"{format_bytes(plan.memory_bytes)} > {format_bytes(budget)}"))
         else:
             simulated.append(plan)
     if not simulated:

@@ -45,8 +45,7 @@ from jaxpar.plan import (
 from jaxpar.planners.cluster import Cluster
 from jaxpar.planners.cost import Options, group_variants, is_stacked, predict
 from jaxpar.planners.graph import ModelGraph
-
-GiB = 2**30
+from jaxpar.planners.units import format_bytes
 
 
 def divisors(n: int) -> list[int]:
@@ -346,7 +345,7 @@ def plan_sharding(graph: ModelGraph, cluster: Cluster, memory_budget: float | No
                            f"{s.time_s / best.time_s - 1:+.1%} step time")
                for s in solutions[1:alternatives + 1]]
     runners += [Alternative(describe(no.base), math.nan, math.nan,
-                            f"no layout fits {budget / GiB:.2f} GiB")
+                            f"no layout fits {format_bytes(budget)}")
                 for no in infeasible[:max(0, alternatives - len(runners))]]
     return dataclasses.replace(plan, predicted=predicted, alternatives=tuple(runners))
 
@@ -375,6 +374,6 @@ def _no_fit_message(graph: ModelGraph, cluster: Cluster, budget: float,
         if _search(graph, bigger, budget, options, max_microbatches)[0]:
             more = f", or use >= {bigger.num_devices} devices"
             break
-    return (f"no plan fits: the smallest needs {least / GiB:.2f} GiB per device "
-            f"({describe(least_plan)}); the budget is {budget / GiB:.2f} GiB; raise the "
-            f"budget to {least / GiB:.2f} GiB{more}")
+    return (f"no plan fits: the smallest needs {format_bytes(least)} per device "
+            f"({describe(least_plan)}); the budget is {format_bytes(budget)}; raise the "
+            f"budget to {format_bytes(least)}{more}")
