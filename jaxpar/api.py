@@ -23,7 +23,7 @@ from jaxpar.planners.pipeline.search import plan_pipeline
 from jaxpar.planners.sharding.search import MAX_MICROBATCHES, plan_sharding
 from jaxpar.runtime.driver import parallelize_mpmd, updates_chunks_alone
 from jaxpar.tracing.graph import trace_graph
-from jaxpar.tracing.params import LossFn, ModelFn
+from jaxpar.tracing.params import LossFn, ModelFn, abstract_model, statistics
 from jaxpar.tracing.stages import Pieces, Stages
 
 
@@ -82,7 +82,9 @@ def auto_parallelize(
     (`planners.pipeline.search.plan_pipeline`, which prices each pipeline in both the MPMD
     and the SPMD form) and the fastest runs, in its form; either way `plan.explain()` says
     why pipelining won or lost. An optimizer whose update couples parameters across chunks
-    (optax.clip_by_global_norm) rules the MPMD form out: it updates each chunk alone."""
+    (optax.clip_by_global_norm) rules the MPMD form out: it updates each chunk alone. A
+    model whose forward pass updates statistics (batch norm) is planned without
+    microbatches: they would see one microbatch at a time."""
     if max_microbatches < 1:
         raise ValueError(f"max_microbatches={max_microbatches}: allow at least 1")
     if pipeline and not isinstance(loss_fn, Stages):
@@ -93,6 +95,8 @@ def auto_parallelize(
     if cluster.num_devices != len(devices):
         raise ValueError(f"the cluster has {cluster.num_devices} devices but {len(devices)} "
                          "are given; plan for the devices you run on")
+    if statistics(abstract_model(model_fn)[3]):
+        max_microbatches = 1  # they must see the whole batch (jaxpar.emit.variables)
     graph = trace_graph(model_fn, loss_fn, batch)
     params_shape = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in graph.params}
     options = Options(optimizer_slots=optimizer_slots(optimizer, params_shape))

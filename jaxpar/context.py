@@ -171,10 +171,10 @@ def _sliced_transpose(all_gather: Callable[[list], list],
     return gathered
 
 
-def merge(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
+def merge(graphdef: nnx.GraphDef, *states: Any) -> nnx.Module:
     """`nnx.merge`, the model's variables recorded by identity in the active trace, so that
     `layer` knows the full path of an unrolled layer's parameters."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, *states)
     current = _ACTIVE.get()
     if current is not None:
         current.paths = {id(var): path_str(path) for path, var in nnx.iter_graph(model)

@@ -35,8 +35,10 @@ def by_path(params: dict, infos: Sequence[ParamInfo], fn: Callable[[ParamInfo, A
 
 
 def state_sharding_of(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransformation,
-                      params_shape: dict) -> tuple[TrainState, TrainState]:
-    """Shardings of the train state and its abstract value (ShapeDtypeStructs)."""
+                      params_shape: dict, variables_shape: dict | None = None
+                      ) -> tuple[TrainState, TrainState]:
+    """Shardings of the train state and its abstract value (ShapeDtypeStructs). The
+    variables (batch statistics, RNG streams) are replicated: every device holds them."""
     def sharding(layout):
         return NamedSharding(mesh, context.partition_spec(layout))
 
@@ -51,12 +53,17 @@ def state_sharding_of(plan: Plan, mesh: Mesh, optimizer: optax.GradientTransform
         by_path(params_shape, plan.params, lambda i, _: sharding(plan.optimizer_layout(i))),
         transform_non_params=lambda _: replicated,
     )
-    state_sharding = TrainState(replicated, param_shardings, opt_shardings)
-    return state_sharding, abstract_state(params_shape, opt_shape, state_sharding)
+    variables_shape = variables_shape or {}
+    state_sharding = TrainState(replicated, param_shardings, opt_shardings,
+                                jax.tree.map(lambda _: replicated, variables_shape))
+    return state_sharding, abstract_state(params_shape, opt_shape, state_sharding,
+                                          variables_shape)
 
 
-def abstract_state(params_shape: dict, opt_shape: Any, sharding: TrainState) -> TrainState:
+def abstract_state(params_shape: dict, opt_shape: Any, sharding: TrainState,
+                   variables_shape: dict | None = None) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape, opt_shape), sharding)
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape, opt_shape,
+                   variables_shape or {}), sharding)

@@ -15,19 +15,25 @@ from jaxpar.tracing.params import ModelFn
 
 
 class TrainState(NamedTuple):
+    """`params`: the model's `nnx.Param`s (pure dict), which the optimizer trains;
+    `variables`: its other variables (batch statistics, RNG streams), which the forward pass
+    updates."""
+
     step: jax.Array
     params: dict
     opt_state: optax.OptState
+    variables: dict = {}
 
 
 def init_state(model_fn: ModelFn, optimizer: optax.GradientTransformation, rng: jax.Array,
                layout: Callable[[dict], dict] = lambda params: params) -> TrainState:
-    """Step 0: the model's parameters (in the runtime's `layout`) and optimizer state; jit it
-    with output shardings so each device creates only its shard."""
+    """Step 0: the model's parameters (in the runtime's `layout`), optimizer state and other
+    variables; jit it with output shardings so each device creates only its shard."""
     with nnx.use_eager_sharding(False):
         model = model_fn(nnx.Rngs(rng))
     params = layout(nnx.state(model, nnx.Param).to_pure_dict())
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    variables = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), variables)
 
 
 def updates_parts_alone(optimizer: optax.GradientTransformation, params: dict,
@@ -54,7 +60,9 @@ def updates_parts_alone(optimizer: optax.GradientTransformation, params: dict,
 
 
 def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState,
-                    grads: dict) -> TrainState:
-    """One optax update of `state` by `grads`."""
+                    grads: dict, variables: dict | None = None) -> TrainState:
+    """One optax update of `state` by `grads`; `variables` replace the state's (default:
+    kept)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state,
+                      state.variables if variables is None else variables)

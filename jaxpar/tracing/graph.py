@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.extend import core
 from jax.sharding import AbstractMesh, AxisType
@@ -35,7 +36,7 @@ from jaxpar.plan import DEFAULT_RULES, REMAT, ParamInfo, Plan
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
 from jaxpar.tracing.loss import loss_output
 from jaxpar.tracing.names import Names, nbytes_of
-from jaxpar.tracing.params import LossFn, ModelFn, abstract_params
+from jaxpar.tracing.params import LossFn, ModelFn, abstract_model
 from jaxpar.tracing.walker import walk_jaxpr
 
 
@@ -87,7 +88,8 @@ def _tensor(var: core.Var, names: Names, repeat: int) -> Tensor:
 def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     """The ModelGraph of `loss_fn(model_fn(rngs), batch)`; `batch` holds arrays or
     ShapeDtypeStructs with the batch dimension first. Nothing is allocated."""
-    graphdef, params, table = abstract_params(model_fn)
+    graphdef, params, table, variables = abstract_model(model_fn)
+    variables = jax.tree.map(_placeholder, variables.to_pure_dict())
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     infos = {i.path: i for i in table}
     groups = {i.path: i.path.split("/")[0] for i in table}
@@ -99,7 +101,7 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     repeat.update({g: n for g, n in unrolled.items() if n > 1})
 
     def loss(p: dict, b: Any) -> jax.Array:  # an aux output is not priced
-        return loss_output(loss_fn(nnx.merge(graphdef, p), b))[0]
+        return loss_output(loss_fn(nnx.merge(graphdef, p, variables), b))[0]
 
     forward, _, _ = walk_jaxpr(loss, (params, batch), infos, groups, repeat)
     order = forward.order + [g for g in members if g not in forward.order]
@@ -125,6 +127,15 @@ def _repeat(params: list[ParamInfo]) -> int:
     """Layers of a stacked group: every parameter has `layers` first, all of one size."""
     sizes = {p.shape[0] if p.logical_axes[:1] == ("layers",) else None for p in params}
     return sizes.pop() if len(sizes) == 1 and None not in sizes else 1
+
+
+def _placeholder(shape: jax.ShapeDtypeStruct) -> jax.Array:
+    """A small concrete stand-in for a variable (batch statistic, RNG key) the loss reads:
+    a constant of the traced program, which the walk does not count."""
+    if jax.dtypes.issubdtype(shape.dtype, jax.dtypes.prng_key):
+        key = jax.random.key(0)
+        return jax.random.split(key, shape.shape) if shape.shape else key
+    return jnp.zeros(shape.shape, shape.dtype)
 
 
 def _unrolled(params: list[ParamInfo]) -> int:

@@ -45,12 +45,13 @@ class LossProbe:
 
 
 def probe_loss(graphdef: nnx.GraphDef, params_shape: dict, loss_fn: LossFn, batch: Any,
-               plan: Plan) -> LossProbe:
-    """Trace `loss_fn` on the model with shapes only, under `plan` with nothing manual."""
-    def run(params: dict, batch: Any) -> Any:
-        return loss_fn(context.merge(graphdef, params), batch)
+               plan: Plan, variables_shape: dict | None = None) -> LossProbe:
+    """Trace `loss_fn` on the model (parameters, other variables) with shapes only, under
+    `plan` with nothing manual."""
+    def run(params: dict, variables: dict, batch: Any) -> Any:
+        return loss_fn(context.merge(graphdef, params, variables), batch)
 
     with context.active(plan, ()) as current:
-        out = jax.eval_shape(run, params_shape, batch)
+        out = jax.eval_shape(run, params_shape, variables_shape or {}, batch)
     _, aux = loss_output(out)
     return LossProbe(aux is not None, frozenset(current.seen))

@@ -19,18 +19,15 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def abstract_params(model_fn: ModelFn) -> tuple[nnx.GraphDef, dict, tuple[ParamInfo, ...]]:
-    """The model's graph, its parameters as a pure dict of ShapeDtypeStruct, and the table
-    of parameters with their logical axes; nothing is allocated."""
+def abstract_model(model_fn: ModelFn
+                   ) -> tuple[nnx.GraphDef, dict, tuple[ParamInfo, ...], nnx.State]:
+    """The model's graph, its parameters as a pure dict of ShapeDtypeStruct, the table of
+    parameters with their logical axes, and its other variables (batch statistics, RNG
+    streams: every `nnx.Variable` that is not an `nnx.Param`) as an nnx.State of
+    ShapeDtypeStruct; nothing is allocated."""
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leftover = [path_str(path) for path, _ in nnx.to_flat_state(rest)]
-    if leftover:
-        raise PlanError(
-            f"jaxpar trains nnx.Param state only; the model also holds {', '.join(leftover)}; "
-            "keep RNG streams and other state out of the module"
-        )
+    graphdef, params, variables = nnx.split(model, nnx.Param, ...)
     infos = []
     for path, var in nnx.to_flat_state(params):
         name = path_str(path)
@@ -44,4 +41,26 @@ def abstract_params(model_fn: ModelFn) -> tuple[nnx.GraphDef, dict, tuple[ParamI
         if len(axes) != var.ndim:
             raise PlanError(f"parameter {name} has shape {var.shape} but logical axes {axes}")
         infos.append(ParamInfo(name, tuple(var.shape), str(var.dtype), axes))
-    return graphdef, params.to_pure_dict(), tuple(infos)
+    return graphdef, params.to_pure_dict(), tuple(infos), variables
+
+
+def variable_paths(variables: nnx.State) -> list[str]:
+    return [path_str(path) for path, _ in nnx.to_flat_state(variables)]
+
+
+def statistics(variables: nnx.State) -> list[str]:
+    """Paths of the variables that are not RNG streams (batch statistics and the like)."""
+    return [path_str(path) for path, var in nnx.to_flat_state(variables)
+            if not isinstance(var, nnx.RngState)]
+
+
+def abstract_params(model_fn: ModelFn) -> tuple[nnx.GraphDef, dict, tuple[ParamInfo, ...]]:
+    """`abstract_model` of a model whose only state is its parameters (what a pipelined
+    plan trains)."""
+    graphdef, params, infos, variables = abstract_model(model_fn)
+    if variable_paths(variables):
+        raise PlanError(
+            f"a pipelined plan trains nnx.Param state only; the model also holds "
+            f"{', '.join(variable_paths(variables))}; use a plan without a pipeline"
+        )
+    return graphdef, params, infos
