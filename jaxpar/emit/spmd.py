@@ -1,12 +1,13 @@
 """The SPMD form of the pipeline runtime: one jitted program over the whole mesh.
 
 The program is a `shard_map` manual over `stage` and the batch axes (`data`, `fsdp`) and
-automatic over `tensor`, as in `jaxpar.emit.step`. The layer stack is stored as
-(v, p, k, ...) with p split over `stage`, so rank r holds local chunk j = chunk j p + r
-(Megatron's interleaved layout; v = 1 is plain 1F1B). A `lax.scan` walks the tick table of
-`planners.schedules.ticks`: in each tick every rank runs the op of its row (`lax.switch` on
-the row picked by its stage index), then activations move one rank forward and gradients one
-rank back (cyclic `ppermute`s) into the buffer slots the table names.
+automatic over `tensor`, as in `jaxpar.emit.step`. The layer stack (an unrolled list's
+entries stacked, `Pieces.stored`) is stored as (v, p, k, ...) with p split over `stage`,
+so rank r holds local chunk j = chunk j p + r (Megatron's interleaved layout; v = 1 is
+plain 1F1B). A `lax.scan` walks the tick table of `planners.schedules.ticks`: in each
+tick every rank runs the op of its row (`lax.switch` on the row picked by its stage index),
+then activations move one rank forward and gradients one rank back (cyclic `ppermute`s)
+into the buffer slots the table names.
 
 F stashes the chunk's VJP residuals (those that are not its weights) and B applies the
 pullback to them; with a zero-bubble schedule B and W are the two halves of that pullback
@@ -64,14 +65,17 @@ def _rows(table: TickTable) -> np.ndarray:
 
 
 def _chunked(pieces: Pieces, params: dict, p: int, v: int) -> dict:
-    """The stack's (L, ...) leaves as (v, p, k, ...): [j, r] is chunk j p + r."""
+    """The model's parameters as this form stores them: the stack's (L, ...) leaves (an
+    unrolled list's, stacked: `Pieces.stored`) as (v, p, k, ...), [j, r] being chunk j p + r."""
+    params = pieces.stored(params)
     stack = jax.tree.map(lambda x: x.reshape(v, p, -1, *x.shape[1:]), pieces.stacked(params))
     return pieces.join(pieces.outer(params), stack)
 
 
 def _unchunked(pieces: Pieces, params: dict) -> dict:
+    """Parameters (or gradients) stored by `_chunked` in the model's own structure."""
     stack = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), pieces.stacked(params))
-    return pieces.join(pieces.outer(params), stack)
+    return pieces.restored(pieces.join(pieces.outer(params), stack))
 
 
 def _add(a: Any, b: Any) -> Any:

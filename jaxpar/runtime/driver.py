@@ -4,8 +4,9 @@ schedule's order, and the train state they update.
 Each rank runs its ops in its schedule's order, an op as soon as its input is there, one op
 per rank per sweep so that consecutive dispatches go to different stages (jax dispatches
 asynchronously, so the stages overlap). The train state is a tuple of one `TrainState` per
-chunk, each on its stage; chunk 0 holds the parameters outside the stack, copied to the
-last stage each step, their gradient from `post` added back to chunk 0's.
+chunk, each on its stage (an unrolled list's layers stacked, `Pieces.stored`); chunk 0 holds
+the parameters outside the stack, copied to the last stage each step, their gradient from
+`post` added back to chunk 0's.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class Driver:
         self.ranks = [tuple(range(r, self.num_chunks, plan.stages)) for r in range(plan.stages)]
         self.bounds = [int(b) for b in np.cumsum([0, *chunk_layers])]
 
-        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), pieces.params_shape)
+        stored = pieces.stored_shape
+        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), stored)
                   for c in range(self.num_chunks)]
         shardings = [state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])
                      for c in range(self.num_chunks)]
@@ -160,7 +162,8 @@ class Driver:
         self.add = jax.jit(add)
 
     def chunk_params(self, params: dict, c: int) -> dict:
-        """Chunk c's own parameters: its layers, and for chunk 0 everything outside them."""
+        """Chunk c's own stored parameters (`Pieces.stored`): its layers, and for chunk 0
+        everything outside them."""
         return self.pieces.part(params, self.bounds[c], self.bounds[c + 1])
 
     def join(self, chunk_dicts: Sequence[dict]) -> dict:
@@ -168,7 +171,7 @@ class Driver:
         layers = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
                               *[d[self.stack] for d in chunk_dicts])
         outer = jax.tree.map(np.asarray, self.pieces.outer(chunk_dicts[0]))
-        return {**outer, self.stack: layers}
+        return self.pieces.restored({**outer, self.stack: layers})
 
     def shard_batch(self, batch: Any) -> dict[int, list]:
         """The microbatches, on the stages that read the batch (the first and the last)."""
@@ -195,6 +198,7 @@ class Driver:
         """Build the whole model and keep this rank's chunks (XLA drops the rest)."""
         with nnx.use_eager_sharding(False):
             params = nnx.state(self.model_fn(nnx.Rngs(rng)), nnx.Param).to_pure_dict()
+        params = self.pieces.stored(params)
         states = []
         for c in self.ranks[rank]:
             own = self.chunk_params(params, c)
@@ -231,6 +235,7 @@ class Driver:
         return self.join([s.params for s in state])
 
     def loss_and_grads(self, params: dict, batch: Any) -> tuple[jax.Array, dict]:
+        params = self.pieces.stored(params)
         placed = [jax.device_put(self.chunk_params(params, c), shardings.params)
                   for c, shardings in enumerate(self.state_shardings)]
         loss, grads, _ = self.run(placed, self.shard_batch(batch))
@@ -248,7 +253,7 @@ def updates_chunks_alone(optimizer: optax.GradientTransformation, pieces: Pieces
             d if keep_layers and i == 0 else min(d, 2) for i, d in enumerate(s.shape))
         ).astype(s.dtype), tree)
 
-    shape, n = pieces.params_shape, pieces.num_layers
+    shape, n = pieces.stored_shape, pieces.num_layers
     params = pieces.join(small(pieces.outer(shape), False), small(pieces.stacked(shape), True))
     return n < 2 or updates_parts_alone(optimizer, params, lambda tree: [
         pieces.part(tree, 0, n // 2), pieces.part(tree, n // 2, n)])

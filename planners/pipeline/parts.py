@@ -57,7 +57,8 @@ def stage_parts(graph: ModelGraph) -> StageParts:
         names = [graph.groups[i].name for i in stacks]
         raise PlanError(f"pipelining cuts one stack of repeated layers; this graph has "
                         f"{len(stacks)} groups with repeat > 1 {names}: stack the layers on a "
-                        f"`layers` axis (nnx.vmap + nnx.scan) to pipeline them")
+                        "`layers` axis (nnx.vmap + nnx.scan) or keep them in an nnx.List of "
+                        "identical modules to pipeline them")
     k = stacks[0]
     first, heads = [], []
     for g in graph.groups[:k]:
