@@ -10,6 +10,7 @@ _EXPORTS = {
     "Plan": "jaxpar.plan",
     "PlanError": "jaxpar.plan",
     "ParamInfo": "jaxpar.plan",
+    "DEFAULT_RULES": "jaxpar.plan",
     "Predicted": "jaxpar.plan",
     "named_plan": "jaxpar.named",
     "Cluster": "jaxpar.planners.cluster",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "attention": "jaxpar.softmax_attention",
     "Pipeline": "jaxpar.plan",
     "Stages": "jaxpar.tracing.stages",
+    "run_stack": "jaxpar.tracing.stages",
 }
 
 __all__ = sorted(_EXPORTS)
