@@ -191,7 +191,14 @@ def _stacked_layout(plan: Plan, path: str, logical_axes: tuple[str | None, ...])
     if len(layouts) > 1:
         raise PlanError(f"layer parameter {path} matches {', '.join(p.path for p in stacked)}, "
                         "laid out differently; give their groups the same rules")
-    return layouts.pop() if layouts else plan.layout(logical_axes)
+    if layouts:
+        return layouts.pop()
+    if plan.params:
+        raise PlanError(f"jaxpar.layer got a module whose parameter {path} is neither the "
+                        "model's own (an unrolled layer) nor a layer of a stack; pass "
+                        "jaxpar.layer the model's module itself, not a copy (nnx.remat, "
+                        "nnx.jit or clone make one)")
+    return plan.layout(logical_axes)
 
 
 def _param_paths(module: nnx.Module, current: Active) -> dict[str, str]:

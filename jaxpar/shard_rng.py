@@ -97,5 +97,6 @@ def shard_key(key: jax.Array, first_row: jax.Array, stride: int, rows: int) -> j
 
 
 def is_threefry_key(x) -> bool:
-    """Whether `x` is a typed key of JAX's default threefry implementation."""
-    return getattr(x, "dtype", None) == jax.random.key(0).dtype  # arrays and their shapes
+    """Whether `x` is a typed key of JAX's threefry2x32 implementation."""
+    threefry = jax.random.key(0, impl="threefry2x32").dtype
+    return getattr(x, "dtype", None) == threefry  # arrays and their ShapeDtypeStructs

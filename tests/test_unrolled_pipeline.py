@@ -49,12 +49,10 @@ def pipelined(model_fn, spec, pipeline, **options):
 
 # name: (plan, pipeline, other plan options)
 CASES = {
-    "mpmd-1f1b-dp": ("pp2+dp4", Pipeline("1f1b", form="mpmd"), {}),
     "mpmd-zb-fsdp-tp": ("pp2+fsdp2+tp2", Pipeline("zero_bubble_h1", form="mpmd"),
                         {"remat": "full"}),
     "spmd-interleaved-fsdp": ("pp2+fsdp4", Pipeline("interleaved_1f1b", virtual=2, form="spmd"),
                               {"remat": "dots"}),
-    "spmd-1f1b-dp-tp": ("pp2+dp2+tp2", Pipeline("1f1b", form="spmd"), {"remat": "full"}),
 }
 
 
@@ -77,7 +75,7 @@ def test_unrolled_blocks_pipeline_like_single_device(case, reference):
     assert_same_run(got, reference, elementwise=False)
 
 
-@pytest.mark.parametrize("case", ["mpmd-1f1b-dp", "spmd-1f1b-dp-tp"])
+@pytest.mark.parametrize("case", CASES)
 def test_loss_and_gradients_come_in_the_models_structure(case):
     """`loss_and_grads` takes and returns the model's own structure (the list's entries),
     equal to `jax.value_and_grad` on one device."""

@@ -134,7 +134,7 @@ def test_batch_norm_and_dropout_match_single_device(spec, options, reference):
     assert_same(par, state, losses, reference)
 
 
-@pytest.mark.parametrize("spec, microbatches", [("dp2+fsdp2+tp2", 2), ("dp4+tp2", 4)])
+@pytest.mark.parametrize("spec, microbatches", [("dp2+fsdp2+tp2", 2), ("dp2+tp4", 4)])
 def test_dropout_masks_do_not_depend_on_microbatches(spec, microbatches):
     """Each microbatch of each shard draws its rows of the whole batch's masks."""
     par = jaxpar.parallelize(dropout_only, optax.adamw(1e-2), loss_fn,

@@ -24,6 +24,7 @@ from jaxpar.emit.shardings import by_path, make_mesh, state_sharding_of
 from jaxpar.emit.state import TrainState, apply_gradients, init_state
 from jaxpar.emit.variables import after_step, for_shard, sync_batch_norms
 from jaxpar.emit.variables import check as check_variables
+from jaxpar.emit.variables import of_model as variables_of
 from jaxpar.plan import ParamInfo, Plan, PlanError
 from jaxpar.tracing.loss import LossProbe, loss_output, probe_loss
 from jaxpar.tracing.params import LossFn, ModelFn, abstract_model
@@ -61,7 +62,7 @@ def _loss_and_grads(plan: Plan, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: Los
         model = context.merge(graphdef, params, variables)
         sync_batch_norms(model, manual)
         loss, aux = loss_output(loss_fn(model, batch))
-        updated = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        updated = variables_of(model, variables)
         return loss, ({} if aux is None else aux, updated)
 
     value_and_grad = jax.value_and_grad(local_loss, has_aux=True)
@@ -125,7 +126,7 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
     """The step of a plan without a pipeline (see `jaxpar.parallelize`)."""
     graphdef, params_shape, infos, variables = abstract_model(model_fn)
     plan = plan.check(infos, [leaf.shape[0] for leaf in jax.tree.leaves(batch)], len(devices))
-    check_variables(plan, variables)
+    check_variables(plan, variables, jax.tree.leaves(batch)[0].shape[0])
     variables_shape = variables.to_pure_dict()
     probe = probe_loss(graphdef, params_shape, loss_fn, batch, plan, variables_shape)
     mesh = make_mesh(plan, devices)
@@ -144,6 +145,9 @@ def parallelize_flat(model_fn: ModelFn, optimizer: optax.GradientTransformation,
 
     def loss_and_grads(params: dict, batch: Any, variables: dict | None = None
                        ) -> tuple[jax.Array, dict]:
+        if variables is None and variables_shape:
+            raise PlanError("the model has variables besides its parameters: pass "
+                            "variables=state.variables")
         (loss, _), grads = run(params, variables or {}, batch)
         return loss, grads
 

@@ -30,16 +30,22 @@ from jaxpar.shard_rng import is_threefry_key, shard_key
 from jaxpar.tracing.params import path_str, statistics
 
 
-def check(plan: Plan, variables: nnx.State) -> None:
-    """The plan can update these variables as one device would, or a PlanError says why."""
+def check(plan: Plan, variables: nnx.State, batch_size: int | None = None) -> None:
+    """The plan can update these variables as one device would, or a PlanError says why.
+    `batch_size`: the global batch's, for the rows each shard's microbatch draws."""
     stats = statistics(variables)
     if stats and plan.microbatches > 1:
-        raise PlanError(f"the model's {', '.join(stats)} are updated by the forward pass, which "
-                        f"would see one microbatch at a time (microbatches="
-                        f"{plan.microbatches}); use microbatches=1")
+        raise PlanError(f"the model's {', '.join(stats)} may be updated by the forward pass "
+                        f"(variables other than RNG streams), which would see one microbatch "
+                        f"at a time (microbatches={plan.microbatches}); use microbatches=1")
     keys = [(path_str(p), v.get_value()) for p, v in nnx.to_flat_state(variables)
-            if jax.dtypes.issubdtype(getattr(v.get_value(), "dtype", None) or float,
-                                     jax.dtypes.prng_key)]
+            if _is_key(v.get_value())]
+    rows = batch_size and batch_size // (plan.data_parallel_size * plan.microbatches)
+    if keys and rows == 1:
+        raise PlanError(f"each batch shard's microbatch holds 1 example ({batch_size} over "
+                        f"{plan.data_parallel_size} shards x {plan.microbatches} microbatches)"
+                        f"; the model's RNG streams ({keys[0][0]}) would not tell a draw over "
+                        "its examples from one broadcast over them: give each at least 2")
     for path, key in keys:
         if not is_threefry_key(key):
             raise PlanError(f"the model's RNG key {path} is not a threefry key; jaxpar splits "
@@ -51,7 +57,8 @@ def check(plan: Plan, variables: nnx.State) -> None:
 
 
 def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def for_shard(variables: dict, first_row: jax.Array, stride: int, rows: int) -> dict:
@@ -83,3 +90,12 @@ def after_step(new: dict, old: dict, manual: Sequence[str]) -> dict:
         return n
 
     return jax.tree.map(one, new, old)
+
+
+def of_model(model: nnx.Module, like: dict) -> dict:
+    """The model's variables with the paths of `like` (the step's): a variable the forward
+    pass created (`sow`'s intermediates) is not state; return it from the loss as aux."""
+    def keep(new: dict, old: dict) -> dict:
+        return {k: keep(new[k], v) if isinstance(v, dict) else new[k] for k, v in old.items()}
+
+    return keep(nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict(), like)

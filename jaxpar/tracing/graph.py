@@ -34,7 +34,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jaxpar import context
 from jaxpar.plan import DEFAULT_RULES, REMAT, ParamInfo, Plan
 from jaxpar.planners.graph import Group, ModelGraph, Tensor
-from jaxpar.tracing.loss import loss_output
+from jaxpar.tracing.loss import loss_output, probe_loss
 from jaxpar.tracing.names import Names, nbytes_of
 from jaxpar.tracing.params import LossFn, ModelFn, abstract_model
 from jaxpar.tracing.walker import walk_jaxpr
@@ -97,8 +97,12 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     for info in table:
         members[groups[info.path]].append(info)
     repeat = {g: _repeat(ps) for g, ps in members.items()}
-    unrolled = {g: _unrolled(ps) for g, ps in members.items() if repeat[g] == 1}
-    repeat.update({g: n for g, n in unrolled.items() if n > 1})
+    # a list of identical layers, each passed to jaxpar.layer, is priced as a stack
+    layered = probe_loss(graphdef, params, loss_fn, batch, _probe(infos, "none")[0],
+                         variables).unrolled
+    layer_lists = {g: _unrolled(ps) for g, ps in members.items()
+                   if repeat[g] == 1 and all(p.path in layered for p in ps)}
+    repeat.update({g: n for g, n in layer_lists.items() if n > 1})
 
     def loss(p: dict, b: Any) -> jax.Array:  # an aux output is not priced
         return loss_output(loss_fn(nnx.merge(graphdef, p, variables), b))[0]
@@ -111,8 +115,8 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
     leaves = jax.tree.leaves(batch)
     return ModelGraph(
         groups=tuple(Group(
-            name=g, repeat=repeat[g], params=_as_stack(members[g], unrolled.get(g, 1)),
-            matmuls=_one_layer(forward.matmuls[g], g, repeat[g], unrolled.get(g, 1)),
+            name=g, repeat=repeat[g], params=_as_stack(members[g], layer_lists.get(g, 1)),
+            matmuls=_one_layer(forward.matmuls[g], g, repeat[g], layer_lists.get(g, 1)),
             flops_fwd=flops[g] / repeat[g],
             saved=tuple(saved["none"][g]),
             saved_remat=tuple(saved["full"][g]),

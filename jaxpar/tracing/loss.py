@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar import context
@@ -25,7 +25,8 @@ def loss_output(out: Any) -> tuple[Any, Any]:
     ShapeDtypeStructs; a PlanError unless the loss is a float scalar."""
     loss, aux = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
     dtype = getattr(loss, "dtype", None)
-    if getattr(loss, "shape", None) != () or not np.issubdtype(dtype, np.floating):
+    if getattr(loss, "shape", None) != () or dtype is None or not jnp.issubdtype(
+            dtype, jnp.floating):
         got = jax.tree.map(lambda x: f"{getattr(x, 'dtype', type(x).__name__)}"
                                      f"{list(getattr(x, 'shape', []))}", out)
         raise PlanError(f"the loss returned {got}; return a float scalar, or a pair "
