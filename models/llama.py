@@ -3,8 +3,8 @@
 Pre-RMSNorm blocks (no biases anywhere), rotary positions, grouped-query attention (key and
 value heads named `kv_heads`, fewer than the query `heads`), SwiGLU MLP, untied output head;
 shapes of Llama 3 (8B, 70B) in `presets.py`. Blocks are either stacked on a leading `layers`
-axis and scanned like the GPT's (`blocks="stacked"`, what pipelines need) or a list applied
-one by one in a Python loop (`blocks="unrolled"`), each through `jaxpar.layer`.
+axis and scanned like the GPT's (`blocks="stacked"`) or a list applied one by one in a
+Python loop (`blocks="unrolled"`), each through `jaxpar.layer`.
 
 The loss and its pipeline split are the GPT's (`lm_loss`, `lm_stages`): they use only
 `embed_tokens`, the `blocks` stack and `logits`, which this model has under the same names.

@@ -94,8 +94,8 @@ PRESETS: dict[str, GPTConfig] = {
 class LlamaConfig:
     """A Llama-style decoder: RMSNorm, rotary positions, grouped-query attention (`heads`
     query heads share `kv_heads` key/value heads), SwiGLU MLP, untied output head.
-    `blocks`: "stacked" (one module with a leading `layers` axis, scanned; pipelines need
-    it) or "unrolled" (a list of blocks applied in a Python loop)."""
+    `blocks`: "stacked" (one module with a leading `layers` axis, scanned: compile time
+    does not grow with depth) or "unrolled" (a list of blocks applied in a Python loop)."""
 
     vocab: int
     length: int
