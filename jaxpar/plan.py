@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from jaxpar.errors import PlanError
 from jaxpar.pipelining import Pipeline
 from jaxpar.planners.units import format_bytes
-from jaxpar.predicted import Alternative, Predicted, runners_up
+from jaxpar.predicted import Alternative, Predicted, explanation
 from jaxpar.rules import FIT_TO_SIZE, Layout, NoRule, Rules, as_rules, resolve, rules_for
 
 # The one rule table shared by the named plans: a mesh axis of size 1 makes a rule a no-op,
@@ -383,28 +383,4 @@ class Plan:
     def explain(self) -> str:
         """Why this plan: its prediction (for a pipeline: its form, bubble and stages), then
         the runners-up and why each lost."""
-        if self.predicted is None:
-            return f"Plan {self.name or '(unnamed)'} was given by hand: nothing was searched."
-        pr, pp = self.predicted, self.pipeline
-        unit = "s" if pr.step_s >= 1 else "ms"
-        scale = {"ms": 1e3, "s": 1.0}[unit]
-        gap = ("not proven optimal: pruned search" if pr.gap is None else
-               "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
-        where = " on its largest stage" if pp is not None else ""
-        lines = [f"Plan {self.name}: predicted step {pr.step_s * scale:.4g} {unit}, "
-                 f"{format_bytes(pr.total_bytes)} per device{where} ({gap})"]
-        if pp is not None:
-            bubble = "" if pp.bubble is None else f", bubble {pp.bubble:.1%}"
-            lines.append(f"  pipeline {pr.compute_s * scale:.4g} {unit} in the "
-                         f"{pp.form.upper()} form{bubble}; gradient sync "
-                         f"{pr.communication_s * scale:.4g} {unit}")
-            for form, step in pr.forms.items():
-                lines.append(f"  {form.upper()} form: {step * scale:.4g} {unit}"
-                             + (" (chosen)" if form == pp.form else ""))
-            if list(pr.forms) == ["mpmd"]:
-                lines.append("  SPMD form not priced: it needs equal chunks and ZeRO 0")
-            if pr.stage_bytes:
-                lines.append("  memory per device by stage: "
-                             + ", ".join(format_bytes(b) for b in pr.stage_bytes))
-        return "\n".join(lines + runners_up(self.alternatives, unit))
-
+        return explanation(self)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from jaxpar.planners.units import format_bytes
+
+if TYPE_CHECKING:
+    from jaxpar.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +61,33 @@ def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
         lines.append(f"  {a.name.ljust(width)}  {a.step_s * scale:9.4g}  {memory:>11}  "
                      f"{a.reason}")
     return lines
+
+
+def explanation(plan: Plan) -> str:
+    """`Plan.explain()`: the plan's prediction (for a pipeline: its form, bubble and
+    stages), then the runners-up and why each lost."""
+    if plan.predicted is None:
+        return f"Plan {plan.name or '(unnamed)'} was given by hand: nothing was searched."
+    pr, pp = plan.predicted, plan.pipeline
+    unit = "s" if pr.step_s >= 1 else "ms"
+    scale = {"ms": 1e3, "s": 1.0}[unit]
+    gap = ("not proven optimal: pruned search" if pr.gap is None else
+           "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
+    where = " on its largest stage" if pp is not None else ""
+    lines = [f"Plan {plan.name}: predicted step {pr.step_s * scale:.4g} {unit}, "
+             f"{format_bytes(pr.total_bytes)} per device{where} ({gap})"]
+    if pp is not None:
+        bubble = "" if pp.bubble is None else f", bubble {pp.bubble:.1%}"
+        lines.append(f"  pipeline {pr.compute_s * scale:.4g} {unit} in the "
+                     f"{pp.form.upper()} form{bubble}; gradient sync "
+                     f"{pr.communication_s * scale:.4g} {unit}")
+        for form, step in pr.forms.items():
+            lines.append(f"  {form.upper()} form: {step * scale:.4g} {unit}"
+                         + (" (chosen)" if form == pp.form else ""))
+        if list(pr.forms) == ["mpmd"]:
+            lines.append("  SPMD form not priced: it needs equal chunks and ZeRO 0")
+        if pr.stage_bytes:
+            lines.append("  memory per device by stage: "
+                         + ", ".join(format_bytes(b) for b in pr.stage_bytes))
+    return "\n".join(lines + runners_up(plan.alternatives, unit))
+
