@@ -7,9 +7,11 @@ activations: dp splits the batch over `data`, tp the heads and mlp over `tensor`
 Chunk c runs on stage c mod p with programs all from one `jax.vjp` of the chunk:
 
 - F: forward (chunk 0 first runs `pre`, the last chunk ends with `post` and returns the
-  microbatch loss), returning the output and the VJP residuals. Residuals that are F's own
+  microbatch loss), returning the output, the VJP residuals and the chunk's variables after
+  it (`pre`'s and `post`'s for the variables outside the stack). Residuals that are F's own
   inputs (the weights, the batch) are not returned, since every jit output is a fresh
-  buffer: B is handed those inputs again, so the stash holds activations only.
+  buffer: B is handed those inputs again, so the stash holds activations only (and the
+  microbatch's RNG keys, so that B and W recompute F's dropout masks).
 - B: the input gradient, with the weight gradient added into the chunk's accumulator in
   the same pullback. The last chunk starts from d(mean loss)/d(loss) = 1/m.
 - With a zero-bubble schedule, B and W instead: the two halves of that pullback.
@@ -21,9 +23,14 @@ residuals until its W, with the handoff from its B to its W.
 
 Parameters outside the stack (embedding, final norm, ...) live with chunk 0 on stage 0.
 Each step copies them to the last chunk's stage; the gradient `post` gives them comes back
-and is added to chunk 0's. Every chunk has its own optimizer state and update on its stage:
-elementwise optax transforms (sgd, adam, adamw) equal the whole-model update, while one
-that reads a global norm (clip_by_global_norm) would see each chunk's own norm.
+and is added to chunk 0's. The model's other variables (`jaxpar.emit.variables`) live the
+same way, replicated inside their stage; each F starts from the step's, its RNG keys drawing
+the microbatch's rows of the whole batch's bits (the whole microbatch is one program's, laid
+out automatically, so its batch norms see it all).
+
+Every chunk has its own optimizer state and update on its stage: elementwise optax
+transforms (sgd, adam, adamw) equal the whole-model update, while one that reads a global
+norm (clip_by_global_norm) would see each chunk's own norm.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from jaxpar import context
 from jaxpar.emit.backward import Split, Stash
 from jaxpar.emit.backward import split as backward_split
 from jaxpar.emit.shardings import by_path
+from jaxpar.emit.variables import after_step, for_shard
 from jaxpar.plan import Plan, PlanError
 from jaxpar.tracing.stages import Pieces
 
@@ -104,7 +112,7 @@ class ChunkPrograms:
     """The jitted programs of one chunk on its stage (see the module docstring)."""
 
     residuals: Residuals
-    forward: Callable  # (params, batch, x) -> (y, kept)
+    forward: Callable  # (params, variables, batch, x, microbatch) -> (y, kept, variables)
     backward: Callable  # (params, batch, x, kept, dy, acc) -> (dx, acc)
     input_grad: Callable  # (params, batch, x, kept, dy) -> (dx, handoff): B of a split
     weight_grad: Callable  # (params, batch, x, kept, dy, handoff, acc) -> acc: W
@@ -113,22 +121,35 @@ class ChunkPrograms:
 
 
 def chunk_programs(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: StageMesh,
-           param_shapes: dict) -> ChunkPrograms:
-    """Programs of `chunk`, called with parameters of `param_shapes`."""
+                   param_shapes: dict, variable_shapes: dict, rows: int) -> ChunkPrograms:
+    """Programs of `chunk`, called with parameters of `param_shapes`, variables of
+    `variable_shapes` (the last chunk's hold those outside the stack as chunk 0's F left
+    them) and microbatches of `rows` rows."""
     first, last = chunk == 0, chunk == num_chunks - 1
     residuals = Residuals()
 
-    def run(params: dict, x: Any, batch: Any) -> Any:
-        if first:
-            x = pieces.pre(pieces.outer(params), batch)
-        y = pieces.chunk(pieces.stacked(params), x)
-        return pieces.post(pieces.outer(params), y, batch) if last else y
+    def run(params: dict, variables: dict, x: Any, batch: Any, microbatch: Any) -> Any:
+        """The chunk's output and its variables after; the keys draw the microbatch's rows
+        of the whole batch's random bits (rows microbatch, microbatch + m, ...)."""
+        def seen(tree: dict) -> dict:
+            return for_shard(tree, microbatch, m, rows)
 
-    def forward(params, batch, x):
+        outer = pieces.outer(variables)
+        if first:
+            x, after = pieces.pre(pieces.outer(params), seen(outer), batch)
+            outer = after_step(after, outer, ())
+        y, stack = pieces.chunk(pieces.stacked(params), seen(pieces.stacked(variables)), x)
+        if last:
+            y, after = pieces.post(pieces.outer(params), seen(outer), y, batch)
+            outer = after_step(after, outer, ())
+        return y, after_step(pieces.join(outer, stack), variables, ())
+
+    def forward(params, variables, batch, x, microbatch):
         with stage.tracing():
-            y, pullback = jax.vjp(lambda p, h: run(p, h, batch), params, x)
+            y, pullback, after = jax.vjp(
+                lambda p, h: run(p, variables, h, batch, microbatch), params, x, has_aux=True)
         residuals.output = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        return y, residuals.record(pullback, (params, batch, x))
+        return y, residuals.record(pullback, (params, batch, x)), after
 
     def output_grad(dy):
         if dy is None:  # the loss: each microbatch's is 1/m of the step's
@@ -164,9 +185,10 @@ def chunk_programs(pieces: Pieces, chunk: int, num_chunks: int, m: int, stage: S
     param_shardings = stage.param_shardings(param_shapes)
     dx_sharding = None if first else stage.activations
     out_sharding = stage.sharding() if last else stage.activations
+    variable_shardings = jax.tree.map(lambda _: stage.sharding(), variable_shapes)
     return ChunkPrograms(
         residuals=residuals,
-        forward=jax.jit(forward, out_shardings=(out_sharding, None)),
+        forward=jax.jit(forward, out_shardings=(out_sharding, None, variable_shardings)),
         backward=jax.jit(backward, out_shardings=(dx_sharding, param_shardings),
                          donate_argnums=5),
         input_grad=jax.jit(input_grad, out_shardings=(dx_sharding, None)),

@@ -4,7 +4,8 @@
 `par.checkpointer(directory, save_every)` saves and restores that state in its own layout.
 The state is a `TrainState` (flat and SPMD forms; the SPMD form stores the layer stack cut
 into chunks) or a tuple of one `TrainState` per chunk, each on its stage (MPMD form);
-`params_of(state)` gives the parameters in the model's own structure either way.
+`params_of(state)` gives the parameters in the model's own structure either way, and
+`variables_of(state)` its other variables (batch statistics, RNG streams).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class Parallelized:
 
     `state_sharding` and `abstract_state` (ShapeDtypeStructs with their shardings) have the
     state's structure. `loss_and_grads(params, batch)` is the mean loss and gradient of one
-    step without the optimizer, parameters and gradient in the model's structure.
+    step without the optimizer, parameters and gradient in the model's structure (a model
+    with other variables also takes `variables=`, in its structure).
     `schedule` is the pipeline's (None without one)."""
 
     plan: Plan
@@ -42,6 +44,7 @@ class Parallelized:
     params_of: Callable[[Any], dict]
     loss_and_grads: Callable[[dict, Any], tuple[jax.Array, dict]]
     schedule: Schedule | None = None
+    variables_of: Callable[[Any], dict] = lambda state: state.variables  # flat: as stored
 
     def steps_done(self, state: Any) -> int:
         """How many updates `state` has had."""

@@ -2,9 +2,10 @@
 
 `jaxpar.parallelize` hands a plan with a `pipeline` here. Every check runs before anything
 compiles: the loss must be a `Stages`, the stack must cut into the plan's chunks, the
-schedule must accept the microbatch count, and the batch must split into microbatches over
-the data-parallel axes. The runtimes (`jaxpar.runtime.driver`, `jaxpar.emit.spmd`) return a
-`Parallelized`.
+model's variables must be ones the runtimes update as one device would (batch statistics
+with microbatches=1: `jaxpar.emit.variables.check_pipeline`), the schedule must accept the
+microbatch count, and the batch must split into microbatches over the data-parallel axes.
+The runtimes (`jaxpar.runtime.driver`, `jaxpar.emit.spmd`) return a `Parallelized`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 
+from jaxpar.emit.variables import check_pipeline
 from jaxpar.plan import Plan, PlanError
 from jaxpar.planners.schedules.generators import Schedule, make_schedule
 from jaxpar.tracing.loss import probe_loss
@@ -39,7 +41,9 @@ def checked(model_fn: ModelFn, stages: Any, plan: Plan, batch: Any,
     pieces = Pieces.of(model_fn, stages)
     plan = plan.check(pieces.infos, [leaf.shape[0] for leaf in jax.tree.leaves(batch)],
                       num_devices, pieces.num_layers)
-    if probe_loss(pieces.graphdef, pieces.params_shape, stages, batch, plan).has_aux:
+    check_pipeline(plan, pieces.variables, jax.tree.leaves(batch)[0].shape[0])
+    if probe_loss(pieces.graphdef, pieces.params_shape, stages, batch, plan,
+                  pieces.variables_shape).has_aux:
         raise PlanError("the loss returns (loss, aux): a pipelined plan runs a loss alone for "
                         "now; return the loss only from the Stages' post, or use a plan "
                         "without a pipeline")

@@ -14,7 +14,9 @@ the whole batch:
   (the mean over the data-parallel group), and keys come back as they went in.
 
 Every microbatch starts from the step's variables; a variable updated from batch statistics
-would see only its microbatch, so such models run with microbatches=1 (`check`).
+would see only its microbatch, so such models run with microbatches=1 (`check`; under a
+pipeline `check_pipeline`). The SPMD pipeline carries the variables through its tick loop
+typed as varying over its manual axes and settles them at the end (`held_by`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def check(plan: Plan, variables: nnx.State, batch_size: int | None = None) -> No
                         "draw its rows of the whole batch's random bits; turn it back on")
 
 
+def check_pipeline(plan: Plan, variables: nnx.State, batch_size: int | None = None) -> None:
+    """`check` for a pipelined plan, whose fix for batch statistics names the schedules that
+    accept microbatches=1."""
+    stats = statistics(variables)
+    if stats and plan.microbatches > 1:
+        raise PlanError(f"the model's {', '.join(stats)} are updated by the forward pass, which "
+                        f"would see one microbatch at a time (microbatches="
+                        f"{plan.microbatches}); a pipeline runs such a model with "
+                        "microbatches=1, which the gpipe and 1f1b schedules accept (the one "
+                        "microbatch passes the stages in turn), or use a plan without a "
+                        "pipeline")
+    check(plan, variables, batch_size)
+
+
 def _is_key(x) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
@@ -88,6 +104,22 @@ def after_step(new: dict, old: dict, manual: Sequence[str]) -> dict:
         if varying and jnp.issubdtype(n.dtype, jnp.floating):
             return jax.lax.pmean(n, varying)
         return n
+
+    return jax.tree.map(one, new, old)
+
+
+def held_by(new: dict, old: dict, axes: str | Sequence[str], index: int | jax.Array) -> dict:
+    """Each variable as the device at `index` along the manual `axes` holds it, on all of them
+    (invariant over `axes`); keys as in `old`. A pipeline's tick loop carries the variables
+    typed varying over every manual axis: those a stage computed alike on each batch shard,
+    or on one stage only, become the step's."""
+    def one(n, o):
+        if _is_key(o):
+            return o
+        if not axes:
+            return n
+        mine = jax.lax.axis_index(axes) == index  # a masked sum: exact, and invariant
+        return jax.lax.psum(jnp.where(mine, n, jnp.zeros_like(n)), axes)
 
     return jax.tree.map(one, new, old)
 

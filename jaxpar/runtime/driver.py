@@ -6,7 +6,9 @@ per rank per sweep so that consecutive dispatches go to different stages (jax di
 asynchronously, so the stages overlap). The train state is a tuple of one `TrainState` per
 chunk, each on its stage (an unrolled list's layers stacked, `Pieces.stored`); chunk 0 holds
 the parameters outside the stack, copied to the last stage each step, their gradient from
-`post` added back to chunk 0's.
+`post` added back to chunk 0's. Variables (batch statistics, RNG streams) live likewise: a
+chunk's layers' with the chunk, those outside the stack with chunk 0; the last chunk's `post`
+starts from those chunk 0's F left (after `pre`), and what it leaves goes back to chunk 0.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,14 +63,18 @@ class StashRecord:
 
 
 def walk(schedule: Schedule, chunks: Sequence[ChunkPrograms], stages: Sequence[StageMesh],
-          params: Sequence[dict], batches: dict[int, list]) -> tuple[Any, list, StashRecord]:
+          params: Sequence[dict], variables: Sequence[dict], handed: Callable[[dict], dict],
+          batches: dict[int, list]) -> tuple[Any, list, StashRecord, list]:
     """Run every rank's ops in its order, each as soon as its input is there, one op per
-    rank per sweep so that consecutive dispatches go to different stages. Returns the mean
-    loss, each chunk's summed gradient and the stash's record."""
+    rank per sweep so that consecutive dispatches go to different stages. Each F runs with
+    its chunk's `variables`; the last chunk's also with `handed(v)` of the variables `v`
+    chunk 0's F left. Returns the mean loss, each chunk's summed gradient, the stash's
+    record and each chunk's variables after its (last) F."""
     last = schedule.num_chunks - 1
     inbox: dict[Op, Any] = {}  # an op's input: activation (F), output cotangent (B)
     stash = StashRecord(schedule.p)
     accs = [chunk.zeros() for chunk in chunks]
+    updated = list(variables)
     losses = []
 
     def run(op: Op) -> None:
@@ -77,7 +83,8 @@ def walk(schedule: Schedule, chunks: Sequence[ChunkPrograms], stages: Sequence[S
         batch = batches[rank][mb] if chunk.uses_batch else None
         if op.kind == "F":
             x = inbox.pop(op, None)
-            y, kept = chunk.forward(params[c], batch, x)
+            own = {**handed(updated[0]), **variables[c]} if 0 < c == last else variables[c]
+            y, kept, updated[c] = chunk.forward(params[c], own, batch, x, mb)
             stash.put((mb, c), rank, (x if chunk.residuals.needs_input else None, kept))
             if c == last:
                 losses.append(y)
@@ -115,7 +122,7 @@ def walk(schedule: Schedule, chunks: Sequence[ChunkPrograms], stages: Sequence[S
             raise RuntimeError(f"schedule {schedule.name} deadlocks: every rank waits ({waiting})")
         for queue in runnable:
             run(queue.popleft())
-    return jnp.mean(jnp.stack(losses)), accs, stash
+    return jnp.mean(jnp.stack(losses)), accs, stash, updated
 
 
 class Driver:
@@ -125,7 +132,8 @@ class Driver:
 
     def __init__(self, model_fn: ModelFn, optimizer: optax.GradientTransformation,
                  plan: Plan, pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
-                 devices: Sequence[jax.Device]):
+                 devices: Sequence[jax.Device], rows: int):
+        """`rows`: the batch's rows per microbatch."""
         self.model_fn, self.optimizer = model_fn, optimizer
         self.pieces, self.schedule = pieces, schedule
         self.mesh = make_mesh(plan, devices)
@@ -143,17 +151,25 @@ class Driver:
         self.ranks = [tuple(range(r, self.num_chunks, plan.stages)) for r in range(plan.stages)]
         self.bounds = [int(b) for b in np.cumsum([0, *chunk_layers])]
 
-        stored = pieces.stored_shape
-        shapes = [jax.eval_shape(lambda p, c=c: self.chunk_params(p, c), stored)
-                  for c in range(self.num_chunks)]
-        shardings = [state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c])
-                     for c in range(self.num_chunks)]
+        def per_chunk(tree: dict) -> list[dict]:
+            return [jax.eval_shape(lambda x, c=c: self.chunk_params(x, c), tree)
+                    for c in range(self.num_chunks)]
+
+        shapes = per_chunk(pieces.stored_shape)
+        variable_shapes = per_chunk(pieces.stored_variables_shape)
+        shardings = [state_sharding_of(inner, self.chunk_stage[c].mesh, optimizer, shapes[c],
+                                       variable_shapes[c]) for c in range(self.num_chunks)]
         self.state_shardings = [sharding for sharding, _ in shardings]
         self.abstract_state = tuple(abstract for _, abstract in shardings)
         self.outer_on_last = self.last_stage.param_shardings(pieces.outer(pieces.params_shape))
+        outer_variables = pieces.outer(pieces.variables_shape)
+        self.outer_variables_on_last = jax.tree.map(lambda _: self.last_stage.sharding(),
+                                                    outer_variables)
         run_shapes = shapes[:-1] + [{**pieces.outer(pieces.params_shape), **shapes[-1]}]
+        run_variables = variable_shapes[:-1] + [{**outer_variables, **variable_shapes[-1]}]
         self.chunks = [chunk_programs(pieces, c, self.num_chunks, self.m, self.chunk_stage[c],
-                              run_shapes[c]) for c in range(self.num_chunks)]
+                                      run_shapes[c], run_variables[c], rows)
+                       for c in range(self.num_chunks)]
         self.inits = [jax.jit(functools.partial(self._init_rank, rank=r), out_shardings=tuple(
             self.state_shardings[c] for c in chunks)) for r, chunks in enumerate(self.ranks)]
         self.updates = [jax.jit(self._update, donate_argnums=0, out_shardings=(
@@ -162,16 +178,15 @@ class Driver:
         self.add = jax.jit(add)
 
     def chunk_params(self, params: dict, c: int) -> dict:
-        """Chunk c's own stored parameters (`Pieces.stored`): its layers, and for chunk 0
-        everything outside them."""
+        """Chunk c's own stored parameters (or variables: `Pieces.stored`): its layers', and
+        for chunk 0 everything outside them."""
         return self.pieces.part(params, self.bounds[c], self.bounds[c + 1])
 
     def join(self, chunk_dicts: Sequence[dict]) -> dict:
         """A model-structured dict on the host from per-chunk dicts."""
-        layers = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
-                              *[d[self.stack] for d in chunk_dicts])
-        outer = jax.tree.map(np.asarray, self.pieces.outer(chunk_dicts[0]))
-        return self.pieces.restored({**outer, self.stack: layers})
+        layers = jax.tree.map(_on_host, *[self.pieces.stacked(d) for d in chunk_dicts])
+        outer = jax.tree.map(_on_host, self.pieces.outer(chunk_dicts[0]))
+        return self.pieces.restored(self.pieces.join(outer, layers))
 
     def shard_batch(self, batch: Any) -> dict[int, list]:
         """The microbatches, on the stages that read the batch (the first and the last)."""
@@ -180,29 +195,37 @@ class Driver:
         return {r: jax.device_put(micro, self.stages[r].activations)
                 for r in {0, self.last_rank}}
 
-    def run(self, params: Sequence[dict], batches: dict[int, list]
-            ) -> tuple[Any, list, StashRecord]:
-        """Loss, per-chunk gradients (chunk 0's hold all the outer ones) and the stash."""
-        outer = self.pieces.outer
+    def run(self, params: Sequence[dict], variables: Sequence[dict], batches: dict[int, list]
+            ) -> tuple[Any, list, StashRecord, list]:
+        """Loss, per-chunk gradients (chunk 0's hold all the outer ones), the stash and the
+        per-chunk variables after the step (chunk 0's hold all the outer ones)."""
+        outer, stacked, join = self.pieces.outer, self.pieces.stacked, self.pieces.join
         params = list(params)
         if self.num_chunks > 1:
             params[-1] = {**jax.device_put(outer(params[0]), self.outer_on_last), **params[-1]}
-        loss, grads, stash = walk(self.schedule, self.chunks, self.chunk_stage, params, batches)
+        loss, grads, stash, variables = walk(
+            self.schedule, self.chunks, self.chunk_stage, params, variables,
+            lambda v: jax.device_put(outer(v), self.outer_variables_on_last), batches)
         if self.num_chunks > 1:
             back = jax.device_put(outer(grads[-1]), outer(self.state_shardings[0].params))
             grads[0] = {**self.add(outer(grads[0]), back), self.stack: grads[0][self.stack]}
             grads[-1] = {self.stack: grads[-1][self.stack]}
-        return loss, grads, stash
+            back = jax.device_put(outer(variables[-1]), outer(self.state_shardings[0].variables))
+            variables[0] = join(back, stacked(variables[0]))
+            variables[-1] = join({}, stacked(variables[-1]))
+        return loss, grads, stash, variables
 
     def _init_rank(self, rng: jax.Array, rank: int) -> tuple[TrainState, ...]:
         """Build the whole model and keep this rank's chunks (XLA drops the rest)."""
         with nnx.use_eager_sharding(False):
-            params = nnx.state(self.model_fn(nnx.Rngs(rng)), nnx.Param).to_pure_dict()
-        params = self.pieces.stored(params)
+            model = self.model_fn(nnx.Rngs(rng))
+        params = self.pieces.stored(nnx.state(model, nnx.Param).to_pure_dict())
+        variables = self.pieces.stored(nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict())
         states = []
         for c in self.ranks[rank]:
             own = self.chunk_params(params, c)
-            states.append(TrainState(jnp.zeros((), jnp.int32), own, self.optimizer.init(own)))
+            states.append(TrainState(jnp.zeros((), jnp.int32), own, self.optimizer.init(own),
+                                     self.chunk_params(variables, c)))
         return tuple(states)
 
     def init(self, rng: jax.Array) -> tuple[TrainState, ...]:
@@ -212,18 +235,22 @@ class Driver:
                 states[c] = state
         return tuple(states)
 
-    def _update(self, states: tuple[TrainState, ...], grads: tuple[dict, ...]):
-        """Apply the optimizer to a rank's chunks; also the squared norm of their gradient."""
+    def _update(self, states: tuple[TrainState, ...], grads: tuple[dict, ...],
+                variables: tuple[dict, ...]):
+        """Apply the optimizer to a rank's chunks and take their variables after the step;
+        also the squared norm of their gradient."""
         new = []
-        for state, g in zip(states, grads):
-            new.append(apply_gradients(self.optimizer, state, g))
+        for state, g, v in zip(states, grads, variables):
+            new.append(apply_gradients(self.optimizer, state, g, v))
         return tuple(new), sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads))
 
     def step(self, state: tuple[TrainState, ...], batches: dict[int, list]):
-        loss, grads, stash = self.run([s.params for s in state], batches)
+        loss, grads, stash, variables = self.run([s.params for s in state],
+                                                 [s.variables for s in state], batches)
         new, norms = [None] * self.num_chunks, []
         for update, chunks in zip(self.updates, self.ranks):
-            states, norm = update(tuple(state[c] for c in chunks), tuple(grads[c] for c in chunks))
+            states, norm = update(tuple(state[c] for c in chunks), tuple(grads[c] for c in chunks),
+                                  tuple(variables[c] for c in chunks))
             for c, s in zip(chunks, states):
                 new[c] = s
             norms.append(jax.device_put(norm, self.last_stage.sharding()))
@@ -234,12 +261,34 @@ class Driver:
     def params_of(self, state: tuple[TrainState, ...]) -> dict:
         return self.join([s.params for s in state])
 
-    def loss_and_grads(self, params: dict, batch: Any) -> tuple[jax.Array, dict]:
+    def variables_of(self, state: tuple[TrainState, ...]) -> dict:
+        return self.join([s.variables for s in state])
+
+    def loss_and_grads(self, params: dict, batch: Any, variables: dict | None = None
+                       ) -> tuple[jax.Array, dict]:
+        if variables is None and self.pieces.variables_shape:
+            raise PlanError("the model has variables besides its parameters: pass "
+                            "variables=par.variables_of(state)")
         params = self.pieces.stored(params)
+        variables = self.pieces.stored(variables or {})
         placed = [jax.device_put(self.chunk_params(params, c), shardings.params)
                   for c, shardings in enumerate(self.state_shardings)]
-        loss, grads, _ = self.run(placed, self.shard_batch(batch))
+        placed_variables = [jax.device_put(self.chunk_params(variables, c), shardings.variables)
+                            for c, shardings in enumerate(self.state_shardings)]
+        loss, grads, _, _ = self.run(placed, placed_variables, self.shard_batch(batch))
         return loss, self.join(grads)
+
+
+def _on_host(*xs: jax.Array) -> Any:
+    """An array, or several (one per chunk, each on its stage) concatenated, on the host;
+    keys as a key array over their data."""
+    def joined(arrays: list) -> np.ndarray:
+        return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+
+    if jax.dtypes.issubdtype(xs[0].dtype, jax.dtypes.prng_key):
+        data = joined([np.asarray(jax.random.key_data(x)) for x in xs])
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(xs[0]))
+    return joined([np.asarray(x) for x in xs])
 
 
 def updates_chunks_alone(optimizer: optax.GradientTransformation, pieces: Pieces) -> bool:
@@ -263,18 +312,19 @@ def parallelize_mpmd(model_fn: ModelFn, optimizer: optax.GradientTransformation,
                      pieces: Pieces, chunk_layers: Sequence[int], schedule: Schedule,
                      batch: Any, devices: Sequence[jax.Device]) -> Parallelized:
     """The MPMD form of a checked pipelined plan (see `jaxpar.emit.pipeline`; the caller has
-    checked `batch`). The train state is a tuple of one `TrainState` per chunk, each on its
-    stage; `step`'s metrics add `peak_stash` and `peak_stash_bytes`: per rank, the most
-    (microbatch, chunk) residual sets and bytes it held at once."""
-    del batch
+    checked `batch`, whose rows per microbatch the RNG streams draw). The train state is a
+    tuple of one `TrainState` per chunk, each on its stage; `step`'s metrics add `peak_stash`
+    and `peak_stash_bytes`: per rank, the most (microbatch, chunk) residual sets and bytes it
+    held at once."""
     if not updates_chunks_alone(optimizer, pieces):
         raise PlanError("the optimizer's update couples parameters across pipeline chunks "
                         "(e.g. optax.clip_by_global_norm), but the MPMD form updates each "
                         "stage's chunks on their own; use form='spmd' or a plan without a "
                         "pipeline")
-    rt = Driver(model_fn, optimizer, plan, pieces, chunk_layers, schedule, devices)
+    rows = jax.tree.leaves(batch)[0].shape[0] // plan.microbatches
+    rt = Driver(model_fn, optimizer, plan, pieces, chunk_layers, schedule, devices, rows)
     return Parallelized(plan=plan, mesh=rt.mesh, schedule=schedule,
                         state_sharding=tuple(rt.state_shardings),
                         abstract_state=rt.abstract_state, init=rt.init, step=rt.step,
                         shard_batch=rt.shard_batch, params_of=rt.params_of,
-                        loss_and_grads=rt.loss_and_grads)
+                        variables_of=rt.variables_of, loss_and_grads=rt.loss_and_grads)

@@ -55,12 +55,12 @@ def statistics(variables: nnx.State) -> list[str]:
 
 
 def abstract_params(model_fn: ModelFn) -> tuple[nnx.GraphDef, dict, tuple[ParamInfo, ...]]:
-    """`abstract_model` of a model whose only state is its parameters (what a pipelined
-    plan trains)."""
+    """`abstract_model` of a model whose only state is its parameters (no batch statistics,
+    no RNG streams)."""
     graphdef, params, infos, variables = abstract_model(model_fn)
     if variable_paths(variables):
         raise PlanError(
-            f"a pipelined plan trains nnx.Param state only; the model also holds "
-            f"{', '.join(variable_paths(variables))}; use a plan without a pipeline"
+            f"the model holds {', '.join(variable_paths(variables))} besides its parameters; "
+            "trace it with abstract_model, which returns those variables too"
         )
     return graphdef, params, infos
