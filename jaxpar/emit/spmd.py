@@ -196,8 +196,10 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
 
         def seen(tree: dict, microbatch: Any) -> dict:
             """Variables as microbatch `microbatch` of this batch shard sees them: its keys
-            draw its rows of the whole batch's random bits (as in the flat step)."""
-            return for_shard(tree, shard * shard_rows + microbatch, m, shard_rows // m)
+            draw its rows of the whole batch's random bits (as in the flat step); varying
+            over every manual axis, like everything the loop carries, so that the traced
+            pullback and the tick loop see the same types."""
+            return vary(for_shard(tree, shard * shard_rows + microbatch, m, shard_rows // m))
 
         one_microbatch = jax.tree.map(lambda a: a[0], micro)
         # post starts from the variables outside the stack as pre leaves them, which are
