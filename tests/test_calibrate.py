@@ -63,7 +63,9 @@ def test_every_mesh_shape_of_both_probes_was_timed(calibrated):
     # 10 meshes, and the 6 with a tensor axis again with two microbatches, per probe
     assert len(plans) == len(record["steps"]) == 2 * (10 + 6)
     assert {s["batch"] for s in record["steps"]} == {8, 16}
-    assert all(len(s["samples"]) == probe.SAMPLES and s["seconds"] > 0 for s in record["steps"])
+    # each median rests on SAMPLES steps on quiet cores (a disturbed step is taken again)
+    assert all(s["clean"] >= probe.SAMPLES and len(s["samples"]) <= probe.MAX_SAMPLES
+               and s["seconds"] > 0 for s in record["steps"])
 
 
 def test_the_calibrated_cluster_predicts_the_probe_steps(calibrated):

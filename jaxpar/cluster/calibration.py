@@ -41,7 +41,7 @@ STREAM_BYTES = 64 * 2**20  # per device: far beyond any cache, as a model's para
 _STREAM_PASSES = 4  # read-modify-write passes over the buffer in one program
 _REPEATS = 5  # timed calls per measurement, after one warm-up call
 _LOOP_BYTES = 2**20  # messages under 1 MiB repeat in one program to amortise dispatch
-_CACHE_FORMAT = 7  # bump when the record or how it is measured changes: old caches are redone
+_CACHE_FORMAT = 8  # bump when the record or how it is measured changes: old caches are redone
 
 
 def ring_factor(kind: str, group: int) -> float:

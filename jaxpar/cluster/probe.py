@@ -57,7 +57,8 @@ def probe_plans(num_devices: int, batch: int) -> list[Plan]:
 
 
 def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> list[dict]:
-    """{probe, batch, mesh, microbatches, plan, seconds (median), samples} for every probe
+    """{probe, batch, mesh, microbatches, plan, seconds (median), samples, clean (how many
+    samples ran on quiet cores)} for every probe
     and plan; `advance()` is called after each plan (a progress bar). A probe's programs
     compile two at a time (XLA releases the GIL while it compiles); steps run one by one,
     each plan's after waiting for quiet cores, until SAMPLES of them ran while other
@@ -89,7 +90,8 @@ def time_steps(devices: Sequence[jax.Device], advance: Callable[[], Any]) -> lis
                 steps.append({"probe": name, "batch": batch,
                               "mesh": [list(axis) for axis in plan.mesh],
                               "microbatches": plan.microbatches, "plan": plan.name,
-                              "seconds": clock.median(), "samples": clock.times})
+                              "seconds": clock.median(), "samples": clock.times,
+                              "clean": len(clock.clean)})
                 advance()
     return steps
 
