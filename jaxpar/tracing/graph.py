@@ -98,10 +98,11 @@ def trace_graph(model_fn: ModelFn, loss_fn: LossFn, batch: Any) -> ModelGraph:
         members[groups[info.path]].append(info)
     repeat = {g: _repeat(ps) for g, ps in members.items()}
     # a list of identical layers, each passed to jaxpar.layer, is priced as a stack
+    lists = {g: n for g, ps in members.items() if repeat[g] == 1 and (n := _unrolled(ps)) > 1}
     layered = probe_loss(graphdef, params, loss_fn, batch, _probe(infos, "none")[0],
-                         variables).unrolled
-    layer_lists = {g: _unrolled(ps) for g, ps in members.items()
-                   if repeat[g] == 1 and all(p.path in layered for p in ps)}
+                         variables).unrolled if lists else frozenset()
+    layer_lists = {g: n for g, n in lists.items()
+                   if all(p.path in layered for p in members[g])}
     repeat.update({g: n for g, n in layer_lists.items() if n > 1})
 
     def loss(p: dict, b: Any) -> jax.Array:  # an aux output is not priced
