@@ -71,3 +71,47 @@ def assert_same_run(got, want, elementwise: bool):
             assert np.linalg.norm(g - w) <= RTOL * np.linalg.norm(w)
 
     jax.tree.map(same, got_params, want_params)
+
+
+def host(tree):
+    """Numpy copies of a pytree's arrays, typed PRNG keys as their key data."""
+    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x), tree)
+
+
+def single_device_run_with_variables(model_fn, optimizer, loss_fn, batches, seed: int = 0):
+    """`single_device_run` of a model with variables besides its parameters (batch
+    statistics, RNG streams), threaded through the steps as plain Flax does: losses, final
+    parameters and final variables (`host`)."""
+    with jax.default_device(jax.devices()[0]), nnx.use_eager_sharding(False):
+        graphdef, params, rest = nnx.split(model_fn(nnx.Rngs(jax.random.key(seed))),
+                                           nnx.Param, ...)
+        params, rest = params.to_pure_dict(), rest.to_pure_dict()
+        opt_state = optimizer.init(params)
+
+        @jax.jit
+        def step(params, rest, opt_state, batch):
+            def loss(p):
+                model = nnx.merge(graphdef, p, rest)
+                return loss_fn(model, batch), nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+
+            (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), rest, opt_state, value
+
+        losses = []
+        for batch in batches:
+            params, rest, opt_state, value = step(params, rest, opt_state, batch)
+            losses.append(float(value))
+    return losses, host(params), host(rest)
+
+
+def parallel_steps(par, batches, state=None, seed: int = 0):
+    """The state after `par.step` over `batches` from `state` (default: `par.init`), and the
+    losses."""
+    state = par.init(jax.random.key(seed)) if state is None else state
+    losses = []
+    for batch in batches:
+        state, metrics = par.step(state, par.shard_batch(batch))
+        losses.append(float(metrics["loss"]))
+    return state, losses

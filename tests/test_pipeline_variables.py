@@ -11,37 +11,23 @@ import jax
 import numpy as np
 import optax
 import pytest
+import stateful
 from flax import nnx
+from stateful import CLASSES, WIDTH, Block, kernel
 
 import jaxpar
 from jaxpar.plan import Pipeline
 
-from oracle import ATOL, RTOL, assert_same_run
+from oracle import (
+    ATOL,
+    RTOL,
+    assert_same_run,
+    host,
+    parallel_steps,
+    single_device_run_with_variables,
+)
 
-WIDTH, CLASSES, BATCH, LAYERS = 32, 8, 32, 4
-
-
-def _init(axes):
-    return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class Block(nnx.Module):
-    def __init__(self, rngs, norm: bool):
-        self.up = nnx.Linear(WIDTH, 2 * WIDTH, kernel_init=_init(("embed", "mlp")),
-                             use_bias=False, rngs=rngs)
-        self.norm = nnx.BatchNorm(
-            2 * WIDTH, rngs=rngs,
-            scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("mlp",)),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",))
-        ) if norm else None
-        self.drop = nnx.Dropout(0.25, rngs=rngs)
-        self.down = nnx.Linear(2 * WIDTH, WIDTH, kernel_init=_init(("mlp", "embed")),
-                               use_bias=False, rngs=rngs)
-
-    def __call__(self, x):
-        h = jaxpar.constrain(self.up(x), ("batch", "mlp"))
-        h = self.norm(h) if self.norm is not None else h
-        return x + self.down(jaxpar.constrain(self.drop(jax.nn.relu(h)), ("batch", "mlp")))
+BATCH, LAYERS = 32, 4
 
 
 class Net(nnx.Module):
@@ -49,7 +35,7 @@ class Net(nnx.Module):
     nnx.List), dropout and a classifier head."""
 
     def __init__(self, rngs, norm: bool = True, unrolled: bool = False):
-        self.embed = nnx.Linear(WIDTH, WIDTH, kernel_init=_init(("vocab", "embed")),
+        self.embed = nnx.Linear(WIDTH, WIDTH, kernel_init=kernel(("vocab", "embed")),
                                 use_bias=False, rngs=rngs)
         self.drop = nnx.Dropout(0.1, rngs=rngs)
         if unrolled:
@@ -63,7 +49,7 @@ class Net(nnx.Module):
 
             self.blocks = stack(rngs)
         self.head_drop = nnx.Dropout(0.1, rngs=rngs)
-        self.head = nnx.Linear(WIDTH, CLASSES, kernel_init=_init(("embed", "vocab")),
+        self.head = nnx.Linear(WIDTH, CLASSES, kernel_init=kernel(("embed", "vocab")),
                                use_bias=False, rngs=rngs)
 
 
@@ -85,61 +71,25 @@ MODELS = {
 
 
 def batches(steps=3):
-    rng = np.random.default_rng(0)
-    return [{"x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
-             "y": rng.integers(0, CLASSES, BATCH).astype(np.int32)} for _ in range(steps)]
+    return stateful.batches(BATCH, steps)
 
 
 def adamw():
     return optax.adamw(1e-2)
 
 
-def _host(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key) else x), tree)
-
-
 @functools.cache
 def single_device(model: str):
     """Plain jitted AdamW steps on the Stages as the loss, threading the model's
     non-parameter state, no jaxpar: losses, parameters, variables (keys as their data)."""
-    with jax.default_device(jax.devices()[0]), nnx.use_eager_sharding(False):
-        graphdef, params, rest = nnx.split(MODELS[model](nnx.Rngs(jax.random.key(0))),
-                                           nnx.Param, ...)
-        params, rest = params.to_pure_dict(), rest.to_pure_dict()
-        opt_state = adamw().init(params)
-
-        @jax.jit
-        def step(params, rest, opt_state, batch):
-            def loss(p):
-                model = nnx.merge(graphdef, p, rest)
-                return STAGES(model, batch), nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
-
-            (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
-            updates, opt_state = adamw().update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, value
-
-        losses = []
-        for batch in batches():
-            params, rest, opt_state, value = step(params, rest, opt_state, batch)
-            losses.append(float(value))
-    return losses, _host(params), _host(rest)
-
-
-def run(par, data, state=None):
-    state = par.init(jax.random.key(0)) if state is None else state
-    losses = []
-    for batch in data:
-        state, metrics = par.step(state, par.shard_batch(batch))
-        losses.append(float(metrics["loss"]))
-    return state, losses
+    return single_device_run_with_variables(MODELS[model], adamw(), STAGES, batches())
 
 
 def assert_same(par, state, losses, want):
     """Losses and parameters as one device's (`oracle.assert_same_run`, AdamW); variables too:
     RNG keys and counts exactly, statistics within RTOL."""
     want_losses, want_params, want_rest = want
-    assert_same_run((losses, _host(par.params_of(state))), (want_losses, want_params),
+    assert_same_run((losses, host(par.params_of(state))), (want_losses, want_params),
                     elementwise=False)
 
     def same(got, expected):
@@ -148,7 +98,7 @@ def assert_same(par, state, losses, want):
         else:
             np.testing.assert_array_equal(got, expected)
 
-    jax.tree.map(same, _host(par.variables_of(state)), want_rest)
+    jax.tree.map(same, host(par.variables_of(state)), want_rest)
 
 
 # name: (model, plan, pipeline, microbatches, remat)
@@ -184,7 +134,7 @@ def test_pipeline_trains_like_single_device(case):
     W redraw F's; batch norms see the whole batch; the step returns the variables one
     forward pass leaves, in the model's own structure."""
     par = pipelined(case)
-    state, losses = run(par, batches())
+    state, losses = parallel_steps(par, batches())
     assert_same(par, state, losses, single_device(CASES[case][0]))
 
 
@@ -192,7 +142,7 @@ def test_pipeline_trains_like_single_device(case):
 def test_variables_are_checkpointed_and_restored(case, tmp_path):
     par = pipelined(case)
     data = batches()
-    state, first = run(par, data[:2])
+    state, first = parallel_steps(par, data[:2])
     ckpt = par.checkpointer(tmp_path, save_every=1)
     ckpt.save(2, state, force=True)
     ckpt.close()
@@ -200,7 +150,7 @@ def test_variables_are_checkpointed_and_restored(case, tmp_path):
     jax.tree.map(lambda x, want: x.sharding.is_equivalent_to(want.sharding, x.ndim) or
                  pytest.fail(f"restored {x.sharding}, the step's layout is {want.sharding}"),
                  restored, par.abstract_state)
-    state, last = run(par, data[2:], restored)
+    state, last = parallel_steps(par, data[2:], restored)
     assert_same(par, state, first + last, single_device("norm"))
 
 

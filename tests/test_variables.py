@@ -7,36 +7,15 @@ import jax
 import numpy as np
 import optax
 import pytest
+import stateful
 from flax import nnx
+from stateful import CLASSES, WIDTH, Block, kernel
 
 import jaxpar
 
-from oracle import RTOL
+from oracle import RTOL, host, parallel_steps, single_device_run_with_variables
 
-WIDTH, CLASSES, BATCH = 32, 8, 16
-
-
-def _init(axes):
-    return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class Block(nnx.Module):
-    def __init__(self, rngs, norm: bool):
-        self.up = nnx.Linear(WIDTH, 2 * WIDTH, kernel_init=_init(("embed", "mlp")),
-                             use_bias=False, rngs=rngs)
-        self.norm = nnx.BatchNorm(
-            2 * WIDTH, rngs=rngs,
-            scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("mlp",)),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",))
-        ) if norm else None
-        self.drop = nnx.Dropout(0.25, rngs=rngs)
-        self.down = nnx.Linear(2 * WIDTH, WIDTH, kernel_init=_init(("mlp", "embed")),
-                               use_bias=False, rngs=rngs)
-
-    def __call__(self, x):
-        h = jaxpar.constrain(self.up(x), ("batch", "mlp"))
-        h = self.norm(h) if self.norm is not None else h
-        return x + self.down(jaxpar.constrain(self.drop(jax.nn.relu(h)), ("batch", "mlp")))
+BATCH = 16
 
 
 class Net(nnx.Module):
@@ -44,7 +23,7 @@ class Net(nnx.Module):
 
     def __init__(self, rngs, norm: bool = True):
         self.blocks = nnx.List([Block(rngs, norm) for _ in range(2)])
-        self.head = nnx.Linear(WIDTH, CLASSES, kernel_init=_init(("embed", "vocab")),
+        self.head = nnx.Linear(WIDTH, CLASSES, kernel_init=kernel(("embed", "vocab")),
                                use_bias=False, rngs=rngs)
 
     def __call__(self, x):
@@ -67,55 +46,20 @@ def loss_fn(model, batch):
 
 
 def batches(steps=3):
-    rng = np.random.default_rng(0)
-    return [{"x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
-             "y": rng.integers(0, CLASSES, BATCH).astype(np.int32)} for _ in range(steps)]
+    return stateful.batches(BATCH, steps)
 
 
 def single_device(model_fn, data):
     """Plain jitted AdamW steps threading the model's non-parameter state, no jaxpar."""
-    with nnx.use_eager_sharding(False):
-        graphdef, params, rest = nnx.split(model_fn(nnx.Rngs(jax.random.key(0))),
-                                           nnx.Param, ...)
-    params, rest = params.to_pure_dict(), rest.to_pure_dict()
-    optimizer = optax.adamw(1e-2)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, rest, opt_state, batch):
-        def loss(p):
-            model = nnx.merge(graphdef, p, rest)
-            return loss_fn(model, batch), nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
-
-        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state, value
-
-    losses = []
-    for batch in data:
-        params, rest, opt_state, value = step(params, rest, opt_state, batch)
-        losses.append(float(value))
-    return losses, params, rest
+    return single_device_run_with_variables(model_fn, optax.adamw(1e-2), loss_fn, data)
 
 
 def assert_same(par, state, losses, want):
     want_losses, want_params, want_rest = want
     np.testing.assert_allclose(losses, want_losses, rtol=RTOL)
     for got, expected in ((par.params_of(state), want_params), (state.variables, want_rest)):
-        jax.tree.map(lambda g, w: np.testing.assert_allclose(
-            np.asarray(jax.random.key_data(g) if jax.dtypes.issubdtype(
-                g.dtype, jax.dtypes.prng_key) else g),
-            np.asarray(jax.random.key_data(w) if jax.dtypes.issubdtype(
-                w.dtype, jax.dtypes.prng_key) else w), rtol=1e-3, atol=1e-5), got, expected)
-
-
-def run(par, data, state=None):
-    state = par.init(jax.random.key(0)) if state is None else state
-    losses = []
-    for batch in data:
-        state, metrics = par.step(state, par.shard_batch(batch))
-        losses.append(float(metrics["loss"]))
-    return state, losses
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5),
+                     host(got), expected)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +74,7 @@ def reference():
 def test_batch_norm_and_dropout_match_single_device(spec, options, reference):
     par = jaxpar.parallelize(with_norm, optax.adamw(1e-2), loss_fn,
                              jaxpar.named_plan(spec, 8, **options), batches()[0])
-    state, losses = run(par, batches())
+    state, losses = parallel_steps(par, batches())
     assert_same(par, state, losses, reference)
 
 
@@ -140,7 +84,7 @@ def test_dropout_masks_do_not_depend_on_microbatches(spec, microbatches):
     par = jaxpar.parallelize(dropout_only, optax.adamw(1e-2), loss_fn,
                              jaxpar.named_plan(spec, 8, microbatches=microbatches),
                              batches()[0])
-    state, losses = run(par, batches())
+    state, losses = parallel_steps(par, batches())
     assert_same(par, state, losses, single_device(dropout_only, batches()))
 
 
@@ -155,12 +99,12 @@ def test_state_is_checkpointed_and_restored(tmp_path, reference):
     par = jaxpar.parallelize(with_norm, optax.adamw(1e-2), loss_fn,
                              jaxpar.named_plan("dp2+fsdp2+tp2", 8), batches()[0])
     data = batches()
-    state, first = run(par, data[:2])
+    state, first = parallel_steps(par, data[:2])
     ckpt = par.checkpointer(tmp_path, save_every=1)
     ckpt.save(2, state, force=True)
     ckpt.close()
     restored = par.checkpointer(tmp_path, save_every=1).restore()
-    state, last = run(par, data[2:], restored)
+    state, last = parallel_steps(par, data[2:], restored)
     assert_same(par, state, first + last, reference)
 
 
@@ -168,5 +112,5 @@ def test_auto_parallelize_keeps_whole_batches(reference):
     par = jaxpar.auto_parallelize(with_norm, optax.adamw(1e-2), loss_fn, batches()[0],
                                   cluster=jaxpar.local_cluster())
     assert par.plan.microbatches == 1
-    state, losses = run(par, batches())
+    state, losses = parallel_steps(par, batches())
     assert_same(par, state, losses, reference)
