@@ -383,4 +383,4 @@ class Plan:
     def explain(self) -> str:
         """Why this plan: its prediction (for a pipeline: its form, bubble and stages), then
         the runners-up and why each lost."""
-        return explanation(self)
+        return explanation(self.name, self.predicted, self.pipeline, self.alternatives)

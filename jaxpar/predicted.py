@@ -6,12 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 from jaxpar.planners.units import format_bytes
-
-if TYPE_CHECKING:
-    from jaxpar.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,18 +60,19 @@ def runners_up(alternatives: Sequence[Alternative], unit: str) -> list[str]:
     return lines
 
 
-def explanation(plan: Plan) -> str:
-    """`Plan.explain()`: the plan's prediction (for a pipeline: its form, bubble and
-    stages), then the runners-up and why each lost."""
-    if plan.predicted is None:
-        return f"Plan {plan.name or '(unnamed)'} was given by hand: nothing was searched."
-    pr, pp = plan.predicted, plan.pipeline
+def explanation(name: str, predicted: Predicted | None, pipeline: Any,
+                alternatives: Sequence[Alternative]) -> str:
+    """`Plan.explain()` of the plan `name` with these fields: its prediction (for a
+    `pipeline`: its form, bubble and stages), then the runners-up and why each lost."""
+    if predicted is None:
+        return f"Plan {name or '(unnamed)'} was given by hand: nothing was searched."
+    pr, pp = predicted, pipeline
     unit = "s" if pr.step_s >= 1 else "ms"
     scale = {"ms": 1e3, "s": 1.0}[unit]
     gap = ("not proven optimal: pruned search" if pr.gap is None else
            "proven optimal" if pr.gap == 0 else f"MIP gap {pr.gap:.2%}")
     where = " on its largest stage" if pp is not None else ""
-    lines = [f"Plan {plan.name}: predicted step {pr.step_s * scale:.4g} {unit}, "
+    lines = [f"Plan {name}: predicted step {pr.step_s * scale:.4g} {unit}, "
              f"{format_bytes(pr.total_bytes)} per device{where} ({gap})"]
     if pp is not None:
         bubble = "" if pp.bubble is None else f", bubble {pp.bubble:.1%}"
@@ -89,5 +87,5 @@ def explanation(plan: Plan) -> str:
         if pr.stage_bytes:
             lines.append("  memory per device by stage: "
                          + ", ".join(format_bytes(b) for b in pr.stage_bytes))
-    return "\n".join(lines + runners_up(plan.alternatives, unit))
+    return "\n".join(lines + runners_up(alternatives, unit))
 

@@ -193,3 +193,33 @@ def split(fn: Callable[..., Any], args: Sequence[Any], weight_grads: int,
 
     return Split(b, w_run,
                  tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in handoff))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkVjp:
+    """A chunk's pullback as the tick loop stores it: `stash` says which residuals are the
+    chunk's weights (rebuilt from them, not stashed); `kept` are the others as traced once
+    before the loop (their shapes size the buffer; the microbatch's RNG keys are among them,
+    so B and W recompute F's dropout masks); `halves` is the backward split into B and W
+    (`jaxpar.emit.backward`) when the schedule splits it. `chunk(w, x)` returns the output
+    and the variables after (not differentiated)."""
+
+    stash: Stash
+    kept: list
+    halves: Split | None
+
+    @classmethod
+    def of(cls, chunk: Callable, w: Any, x: jax.Array, split_backward: bool) -> ChunkVjp:
+        """Trace the pullback of `chunk` at (w, x), tracers of the tick loop's trace."""
+        y, pullback, _ = jax.vjp(chunk, w, x, has_aux=True)
+        stash, kept = Stash.of(pullback, w)
+        halves = None
+        if split_backward:
+            halves = split(stash.apply, [*jax.tree.leaves(pullback), y],
+                                    len(jax.tree.leaves(w)))
+        return cls(stash, kept, halves)
+
+    def keep(self, chunk: Callable, w: Any, x: jax.Array) -> tuple[jax.Array, list, dict]:
+        """F: the chunk's output, its residuals to stash and its variables after."""
+        y, pullback, variables = jax.vjp(chunk, w, x, has_aux=True)
+        return y, self.stash.kept(pullback), variables

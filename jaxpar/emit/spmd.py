@@ -49,8 +49,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpar import context
-from jaxpar.emit.backward import Split, Stash
-from jaxpar.emit.backward import split as backward_split
+from jaxpar.emit.backward import ChunkVjp
 from jaxpar.emit.parallelized import Parallelized
 from jaxpar.emit.shardings import abstract_state, by_path, make_mesh
 from jaxpar.emit.state import TrainState, apply_gradients, init_state
@@ -105,36 +104,6 @@ def _put(buffer: Any, slot: jax.Array, value: Any) -> Any:
     (where nothing is read from) when -1."""
     return jax.tree.map(lambda b, v: b.at[jnp.where(slot >= 0, slot, b.shape[0] - 1)].set(v),
                         buffer, value)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ChunkVjp:
-    """A chunk's pullback as the tick loop stores it: `stash` says which residuals are the
-    chunk's weights (rebuilt from them, not stashed); `kept` are the others as traced once
-    before the loop (their shapes size the buffer; the microbatch's RNG keys are among them,
-    so B and W recompute F's dropout masks); `halves` is the backward split into B and W
-    (`jaxpar.emit.backward`) when the schedule splits it. `chunk(w, x)` returns the output
-    and the variables after (not differentiated)."""
-
-    stash: Stash
-    kept: list
-    halves: Split | None
-
-    @classmethod
-    def of(cls, chunk: Callable, w: Any, x: jax.Array, split_backward: bool) -> _ChunkVjp:
-        """Trace the pullback of `chunk` at (w, x), tracers of the tick loop's trace."""
-        y, pullback, _ = jax.vjp(chunk, w, x, has_aux=True)
-        stash, kept = Stash.of(pullback, w)
-        halves = None
-        if split_backward:
-            halves = backward_split(stash.apply, [*jax.tree.leaves(pullback), y],
-                                    len(jax.tree.leaves(w)))
-        return cls(stash, kept, halves)
-
-    def keep(self, chunk: Callable, w: Any, x: jax.Array) -> tuple[jax.Array, list, dict]:
-        """F: the chunk's output, its residuals to stash and its variables after."""
-        y, pullback, variables = jax.vjp(chunk, w, x, has_aux=True)
-        return y, self.stash.kept(pullback), variables
 
 
 def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
@@ -209,7 +178,7 @@ def _pipelined(plan: Plan, pieces: Pieces, mesh: Mesh, table: TickTable,
         activation = zeros(jax.eval_shape(lambda o, b: pre(o, seen(outer_vars, 0), b)[0],
                                           outer, one_microbatch))
         first_vars = seen(jax.tree.map(lambda a: a[0], stack_vars), 0)
-        vjp = _ChunkVjp.of(lambda w, x: chunk_fn(w, first_vars, x),
+        vjp = ChunkVjp.of(lambda w, x: chunk_fn(w, first_vars, x),
                            jax.tree.map(lambda a: a[0], stack), activation, split_backward)
         handoff_shapes = list(vjp.halves.handoff) if vjp.halves else []
         loss_shape = jax.eval_shape(lambda o, y, b: post(o, seen(pre_vars, 0), y, b)[0],
