@@ -115,3 +115,12 @@ def parallel_steps(par, batches, state=None, seed: int = 0):
         state, metrics = par.step(state, par.shard_batch(batch))
         losses.append(float(metrics["loss"]))
     return state, losses
+
+
+def checkpointed(par, state, directory, step: int = 2):
+    """`state` saved as `step` by `par.checkpointer` in `directory`, then restored by a new
+    checkpointer there (what a restarted run reads)."""
+    ckpt = par.checkpointer(directory, save_every=1)
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+    return par.checkpointer(directory, save_every=1).restore()

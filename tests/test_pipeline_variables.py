@@ -22,6 +22,7 @@ from oracle import (
     ATOL,
     RTOL,
     assert_same_run,
+    checkpointed,
     host,
     parallel_steps,
     single_device_run_with_variables,
@@ -143,10 +144,7 @@ def test_variables_are_checkpointed_and_restored(case, tmp_path):
     par = pipelined(case)
     data = batches()
     state, first = parallel_steps(par, data[:2])
-    ckpt = par.checkpointer(tmp_path, save_every=1)
-    ckpt.save(2, state, force=True)
-    ckpt.close()
-    restored = par.checkpointer(tmp_path, save_every=1).restore()
+    restored = checkpointed(par, state, tmp_path)
     jax.tree.map(lambda x, want: x.sharding.is_equivalent_to(want.sharding, x.ndim) or
                  pytest.fail(f"restored {x.sharding}, the step's layout is {want.sharding}"),
                  restored, par.abstract_state)

@@ -13,7 +13,7 @@ from stateful import CLASSES, WIDTH, Block, kernel
 
 import jaxpar
 
-from oracle import RTOL, host, parallel_steps, single_device_run_with_variables
+from oracle import RTOL, checkpointed, host, parallel_steps, single_device_run_with_variables
 
 BATCH = 16
 
@@ -100,10 +100,7 @@ def test_state_is_checkpointed_and_restored(tmp_path, reference):
                              jaxpar.named_plan("dp2+fsdp2+tp2", 8), batches()[0])
     data = batches()
     state, first = parallel_steps(par, data[:2])
-    ckpt = par.checkpointer(tmp_path, save_every=1)
-    ckpt.save(2, state, force=True)
-    ckpt.close()
-    restored = par.checkpointer(tmp_path, save_every=1).restore()
+    restored = checkpointed(par, state, tmp_path)
     state, last = parallel_steps(par, data[2:], restored)
     assert_same(par, state, first + last, reference)
 
